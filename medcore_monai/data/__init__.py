@@ -1,0 +1,1 @@
+"""data of medcore_monai."""

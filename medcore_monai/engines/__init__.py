@@ -1,0 +1,1 @@
+"""engines of medcore_monai."""

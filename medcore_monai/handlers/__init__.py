@@ -1,0 +1,1 @@
+"""handlers of medcore_monai."""

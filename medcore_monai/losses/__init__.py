@@ -1,0 +1,1 @@
+"""losses of medcore_monai."""

@@ -1,0 +1,56 @@
+"""Model layer: SAM/MedSAM building and loading, prunable structure, slimming and compact export."""
+
+from .build import build_sam, compact_manifest, current_config, file_sha256, load_sam, save_sam
+from .checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, read_checkpoint
+from .config import SAM_PRESETS, SamConfig, get_preset, infer_sam_config
+from .medsam import MedSAM
+from .sam_import import sam_modeling
+from .structure import (
+    BlockStructure,
+    StructuredMasks,
+    attach_masks,
+    block_flops,
+    count_parameters,
+    encoder_flops,
+    encoder_structure,
+    group_sums,
+    head_group_sums,
+    kept_indices,
+    measure_flops,
+    mlp_group_sums,
+    slim_block_,
+    slim_encoder_,
+)
+
+__all__ = [
+    "BlockStructure",
+    "CheckpointError",
+    "MedSAM",
+    "SAM_PRESETS",
+    "SamConfig",
+    "StructuredMasks",
+    "attach_masks",
+    "block_flops",
+    "build_sam",
+    "compact_manifest",
+    "count_parameters",
+    "current_config",
+    "encoder_flops",
+    "encoder_structure",
+    "extract_state_dict",
+    "file_sha256",
+    "get_preset",
+    "group_sums",
+    "head_group_sums",
+    "infer_sam_config",
+    "kept_indices",
+    "load_sam",
+    "load_state_dict_strict",
+    "measure_flops",
+    "mlp_group_sums",
+    "read_checkpoint",
+    "sam_modeling",
+    "save_sam",
+    "slim_block_",
+    "slim_encoder_",
+]

@@ -1,0 +1,127 @@
+"""Reading and writing SAM/MedSAM checkpoints safely and strictly."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "read_checkpoint",
+    "extract_state_dict",
+    "load_state_dict_strict",
+    "atomic_torch_save",
+]
+
+_NESTED_KEYS = ("model", "state_dict", "model_state_dict")
+_MAX_LISTED_KEYS = 12
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unsafe, or does not match the model."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only).
+
+    Raises:
+        CheckpointError: if the file is missing or holds pickled Python objects such as a whole model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} contains pickled Python objects (e.g. a whole nn.Module), which are refused because "
+            f"unpickling can run arbitrary code. Re-save it as `torch.save(model.state_dict(), path)`. "
+            f"Detail: {str(err).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the state dict inside any official layout.
+
+    Accepts a raw state dict (``sam_vit_b_01ec64.pth``, ``medsam_vit_b.pth``) or a dict holding it
+    under ``model``, ``state_dict`` or ``model_state_dict`` (MedSAM training checkpoints, this
+    project's checkpoints). A ``module.`` prefix left by DistributedDataParallel is removed.
+
+    Raises:
+        CheckpointError: if no state dict is found.
+    """
+    if _is_tensor_mapping(obj):
+        state = dict(obj)
+    else:
+        nested = [k for k in _NESTED_KEYS if isinstance(obj, Mapping) and _is_tensor_mapping(obj.get(k))]
+        if not nested:
+            keys = sorted(obj)[:_MAX_LISTED_KEYS] if isinstance(obj, Mapping) else type(obj).__name__
+            raise CheckpointError(
+                f"{source}: no state dict found (expected tensors at top level or under one of "
+                f"{list(_NESTED_KEYS)}; found {keys})"
+            )
+        state = dict(obj[nested[0]])
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _format_keys(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
+    more = len(keys) - _MAX_LISTED_KEYS
+    return shown + (f" ... and {more} more" if more > 0 else "")
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "") -> None:
+    """Load ``state_dict`` into ``model`` requiring identical keys and shapes.
+
+    Raises:
+        CheckpointError: listing missing keys, unexpected keys and shape mismatches in one message.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_format_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_format_keys(mismatched)}")
+    if problems:
+        where = f" from {source}" if source else ""
+        raise CheckpointError(f"state dict{where} does not match the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the target folder, then rename, so no half-written file remains."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,332 @@
+"""Prunable structure of a SAM image encoder: head and MLP-channel groups, counts, FLOPs, masks, slimming.
+
+Group definitions (same for every ViT size; ``d`` = head_dim, ``E`` = embed dim):
+
+* head ``h`` of a block owns rows ``h*d .. h*d+d-1`` of each of the Q, K and V thirds of ``attn.qkv``
+  (weight and bias) and columns ``h*d .. h*d+d-1`` of ``attn.proj.weight``;
+* MLP channel ``n`` owns row ``n`` of ``mlp.lin1`` (weight and bias) and column ``n`` of ``mlp.lin2.weight``.
+
+Shared tensors (``proj.bias``, ``lin2.bias``, rel-pos tables, norms) belong to no group and are never
+pruned. Removing whole heads keeps head_dim, the attention scale and the rel-pos tables valid, because
+segment-anything's attention infers head_dim from the qkv width and applies the shared (2S-1, d) tables
+per head.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "BlockStructure",
+    "encoder_structure",
+    "head_group_sums",
+    "mlp_group_sums",
+    "group_sums",
+    "count_parameters",
+    "measure_flops",
+    "encoder_flops",
+    "block_flops",
+    "StructuredMasks",
+    "attach_masks",
+    "slim_block_",
+    "slim_encoder_",
+    "kept_indices",
+]
+
+
+@dataclass(frozen=True)
+class BlockStructure:
+    """Widths of one encoder block and the parameter cost of each prunable group."""
+
+    index: int
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    window_size: int
+    has_qkv_bias: bool
+
+    @property
+    def is_global(self) -> bool:
+        """Global (not windowed) attention."""
+        return self.window_size == 0
+
+    @property
+    def params_per_head(self) -> int:
+        """Q/K/V rows (+bias) and proj columns of one head: 196,800 for ViT-B."""
+        qkv = 3 * self.head_dim * (self.embed_dim + int(self.has_qkv_bias))
+        return qkv + self.embed_dim * self.head_dim
+
+    @property
+    def params_per_channel(self) -> int:
+        """lin1 row + bias + lin2 column of one MLP channel: 1,537 for ViT-B."""
+        return 2 * self.embed_dim + 1
+
+    def param_slices(self, prefix: str = "") -> dict[str, str]:
+        """Names of the tensors that hold this block's groups (for documentation and scoring)."""
+        p = f"{prefix}blocks.{self.index}."
+        return {
+            "qkv.weight": p + "attn.qkv.weight",
+            "qkv.bias": p + "attn.qkv.bias",
+            "proj.weight": p + "attn.proj.weight",
+            "lin1.weight": p + "mlp.lin1.weight",
+            "lin1.bias": p + "mlp.lin1.bias",
+            "lin2.weight": p + "mlp.lin2.weight",
+        }
+
+
+def _blocks(encoder: nn.Module) -> nn.ModuleList:
+    blocks = getattr(encoder, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(encoder).__name__} has no `blocks`; expected a SAM ImageEncoderViT")
+    return blocks
+
+
+def encoder_structure(encoder: nn.Module) -> list[BlockStructure]:
+    """Describe every block of a (dense or compact) SAM image encoder."""
+    out = []
+    for i, blk in enumerate(_blocks(encoder)):
+        attn = blk.attn
+        heads = attn.num_heads
+        head_dim = attn.qkv.out_features // (3 * heads)
+        out.append(
+            BlockStructure(
+                index=i,
+                embed_dim=attn.qkv.in_features,
+                num_heads=heads,
+                head_dim=head_dim,
+                mlp_dim=blk.mlp.lin1.out_features,
+                window_size=blk.window_size,
+                has_qkv_bias=attn.qkv.bias is not None,
+            )
+        )
+    return out
+
+
+def head_group_sums(
+    qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, proj_weight: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """Sum per-parameter values (e.g. Fisher x theta^2) over each head's group; returns ``[num_heads]``."""
+    embed = qkv_weight.shape[1]
+    per_head = qkv_weight.reshape(3, num_heads, -1, embed).sum(dim=(0, 2, 3))
+    if qkv_bias is not None:
+        per_head = per_head + qkv_bias.reshape(3, num_heads, -1).sum(dim=(0, 2))
+    return per_head + proj_weight.reshape(proj_weight.shape[0], num_heads, -1).sum(dim=(0, 2))
+
+
+def mlp_group_sums(
+    lin1_weight: torch.Tensor, lin1_bias: torch.Tensor | None, lin2_weight: torch.Tensor
+) -> torch.Tensor:
+    """Sum per-parameter values over each MLP channel's group; returns ``[mlp_dim]``."""
+    per_channel = lin1_weight.sum(dim=1) + lin2_weight.sum(dim=0)
+    if lin1_bias is not None:
+        per_channel = per_channel + lin1_bias
+    return per_channel
+
+
+def group_sums(
+    values: Mapping[str, torch.Tensor], structure: Sequence[BlockStructure], prefix: str = ""
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-block head sums and MLP-channel sums of a per-parameter map keyed like the encoder state dict.
+
+    Args:
+        values: tensors shaped like the encoder parameters (``blocks.{i}.attn.qkv.weight`` ...).
+        structure: from :func:`encoder_structure`.
+        prefix: key prefix in ``values`` (e.g. ``"image_encoder."``).
+    """
+    heads, channels = [], []
+    for blk in structure:
+        names = blk.param_slices(prefix)
+        heads.append(
+            head_group_sums(
+                values[names["qkv.weight"]], values.get(names["qkv.bias"]), values[names["proj.weight"]], blk.num_heads
+            )
+        )
+        channels.append(
+            mlp_group_sums(values[names["lin1.weight"]], values.get(names["lin1.bias"]), values[names["lin2.weight"]])
+        )
+    return heads, channels
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def measure_flops(module: nn.Module, *inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """FLOPs of one forward, measured by ``torch.utils.flop_counter`` on the meta device.
+
+    The module is deep-copied to ``meta`` so no real compute or memory is spent (ViT-B at 1024 px
+    costs nothing). Returns the total and a per-submodule breakdown keyed by qualified name.
+    """
+    meta_module = copy.deepcopy(module).to("meta")
+    meta_inputs = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        meta_module(*meta_inputs)
+    per_module = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+    return int(counter.get_total_flops()), per_module
+
+
+def encoder_flops(encoder: nn.Module, batch_size: int = 1) -> int:
+    """Measured FLOPs of the image encoder at its native input size."""
+    size = encoder.img_size
+    in_chans = encoder.patch_embed.proj.in_channels
+    total, _ = measure_flops(encoder, torch.zeros(batch_size, in_chans, size, size))
+    return total
+
+
+def block_flops(encoder: nn.Module) -> list[int]:
+    """Measured FLOPs of each encoder block at the native input size (batch 1)."""
+    size = encoder.img_size
+    _, per_module = measure_flops(encoder, torch.zeros(1, encoder.patch_embed.proj.in_channels, size, size))
+    top = type(encoder).__name__  # FlopCounterMode names the root module by its class
+    return [per_module.get(f"{top}.blocks.{i}", 0) for i in range(len(_blocks(encoder)))]
+
+
+@dataclass
+class StructuredMasks:
+    """Keep-masks per block (1 keep, 0 removed) for heads and MLP channels of a dense encoder."""
+
+    heads: list[torch.Tensor]
+    channels: list[torch.Tensor]
+
+    @classmethod
+    def full(cls, structure: Sequence[BlockStructure]) -> StructuredMasks:
+        """Masks that keep everything."""
+        return cls(
+            heads=[torch.ones(b.num_heads, dtype=torch.bool) for b in structure],
+            channels=[torch.ones(b.mlp_dim, dtype=torch.bool) for b in structure],
+        )
+
+    def kept_heads(self) -> list[list[int]]:
+        """Indices of kept heads per block."""
+        return [torch.nonzero(m).flatten().tolist() for m in self.heads]
+
+    def kept_channels(self) -> list[list[int]]:
+        """Indices of kept MLP channels per block."""
+        return [torch.nonzero(m).flatten().tolist() for m in self.channels]
+
+    def intersect(self, other: StructuredMasks) -> StructuredMasks:
+        """Groups kept by both (removed groups never return)."""
+        return StructuredMasks(
+            heads=[a & b for a, b in zip(self.heads, other.heads)],
+            channels=[a & b for a, b in zip(self.channels, other.channels)],
+        )
+
+
+class _MaskHandles:
+    """Removable set of forward pre-hooks (``remove()`` detaches them all)."""
+
+    def __init__(self, handles: list) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> _MaskHandles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _channel_multiplier(mask: torch.Tensor):
+    mask = mask.detach().clone()
+
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = args[0]
+        return (x * mask.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+
+    return hook
+
+
+def attach_masks(encoder: nn.Module, masks: StructuredMasks) -> _MaskHandles:
+    """Zero the outputs of removed heads and MLP channels with forward pre-hooks on proj / lin2.
+
+    Acting on activations means removed groups contribute exactly nothing and get zero gradient, so
+    the dense masked model computes what the slimmed model computes.
+    """
+    handles = []
+    for blk, head_mask, channel_mask in zip(_blocks(encoder), masks.heads, masks.channels):
+        head_dim = blk.attn.qkv.out_features // (3 * blk.attn.num_heads)
+        proj_mask = head_mask.repeat_interleave(head_dim)
+        handles.append(blk.attn.proj.register_forward_pre_hook(_channel_multiplier(proj_mask)))
+        handles.append(blk.mlp.lin2.register_forward_pre_hook(_channel_multiplier(channel_mask)))
+    return _MaskHandles(handles)
+
+
+def _validated_indices(indices: Sequence[int], width: int, what: str) -> torch.Tensor:
+    idx = sorted({int(i) for i in indices})
+    if not idx:
+        raise ValueError(f"{what}: at least one group must be kept")
+    if idx[0] < 0 or idx[-1] >= width:
+        raise ValueError(f"{what}: indices must lie in 0..{width - 1}, got {idx[0]}..{idx[-1]}")
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def _sliced_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    weight = layer.weight.detach()
+    bias = None if layer.bias is None else layer.bias.detach()
+    if rows is not None:
+        weight = weight.index_select(0, rows.to(weight.device))
+        bias = None if bias is None else bias.index_select(0, rows.to(weight.device))
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(weight.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    if bias is not None:
+        new.bias.requires_grad_(layer.bias.requires_grad)
+    return new
+
+
+def kept_indices(block: nn.Module) -> tuple[list[int], list[int]]:
+    """Original (dense) indices of the heads and channels a possibly slimmed block still holds."""
+    heads = getattr(block, "medcore_kept_heads", None) or list(range(block.attn.num_heads))
+    channels = getattr(block, "medcore_kept_channels", None) or list(range(block.mlp.lin1.out_features))
+    return list(heads), list(channels)
+
+
+def slim_block_(block: nn.Module, keep_heads: Sequence[int] | None, keep_channels: Sequence[int] | None) -> None:
+    """Physically remove heads / MLP channels from one block, in place.
+
+    Indices refer to the block's *current* heads and channels. The block remembers the original
+    indices it holds (``medcore_kept_heads`` / ``medcore_kept_channels``) so repeated slimming composes.
+    """
+    attn, mlp = block.attn, block.mlp
+    orig_heads, orig_channels = kept_indices(block)
+    if keep_heads is not None:
+        heads = _validated_indices(keep_heads, attn.num_heads, "heads")
+        head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        width = attn.num_heads * head_dim
+        cols = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        rows = torch.cat([cols, cols + width, cols + 2 * width])
+        # scale stays head_dim**-0.5 (head_dim is unchanged), so the attribute is left as it is.
+        attn.qkv = _sliced_linear(attn.qkv, rows=rows)
+        attn.proj = _sliced_linear(attn.proj, cols=cols)
+        attn.num_heads = len(heads)
+        block.medcore_kept_heads = [orig_heads[i] for i in heads.tolist()]
+    if keep_channels is not None:
+        channels = _validated_indices(keep_channels, mlp.lin1.out_features, "MLP channels")
+        mlp.lin1 = _sliced_linear(mlp.lin1, rows=channels)
+        mlp.lin2 = _sliced_linear(mlp.lin2, cols=channels)
+        block.medcore_kept_channels = [orig_channels[i] for i in channels.tolist()]
+
+
+def slim_encoder_(encoder: nn.Module, masks: StructuredMasks) -> nn.Module:
+    """Physically remove every group that ``masks`` marks as removed (indices relative to the current widths)."""
+    for blk, heads, channels in zip(_blocks(encoder), masks.kept_heads(), masks.kept_channels()):
+        slim_block_(blk, heads, channels)
+    return encoder

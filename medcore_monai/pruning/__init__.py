@@ -1,0 +1,1 @@
+"""pruning of medcore_monai."""

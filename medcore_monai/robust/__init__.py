@@ -1,0 +1,1 @@
+"""robust of medcore_monai."""
