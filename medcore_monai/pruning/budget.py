@@ -1,0 +1,206 @@
+"""Per-block pruning budgets and mask selection.
+
+A sparsity target is a fraction of the *original* dense groups of the whole encoder (heads or MLP
+channels). It is split over the non-protected blocks in inverse proportion to each block's
+sensitivity (sum of its Fisher), capped by per-block floors, and the lowest-scored groups of each
+block are removed. Removed groups never return: selection only considers groups still kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..networks.structure import StructuredMasks
+
+__all__ = [
+    "BudgetReport",
+    "BudgetShortfallWarning",
+    "allocate_quota",
+    "block_sensitivity",
+    "min_keep_per_block",
+    "plan_family",
+    "plan_masks",
+    "select_removals",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class BudgetShortfallWarning(UserWarning):
+    """The floors or protected blocks leave too little capacity to meet the requested sparsity."""
+
+
+@dataclass
+class BudgetReport:
+    """Requested vs achieved removals for one group family."""
+
+    family: str
+    requested: int
+    achieved: int
+    total: int
+    per_block: list[int]
+
+    @property
+    def requested_sparsity(self) -> float:
+        """Requested fraction of the original groups."""
+        return self.requested / self.total
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Fraction of the original groups removed after this step (including earlier removals)."""
+        return self.achieved / self.total
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary."""
+        return {
+            "family": self.family,
+            "requested": self.requested,
+            "achieved": self.achieved,
+            "total": self.total,
+            "requested_sparsity": self.requested_sparsity,
+            "achieved_sparsity": self.achieved_sparsity,
+            "per_block": self.per_block,
+        }
+
+
+def block_sensitivity(fisher: Mapping[str, torch.Tensor], depth: int, prefix: str = "") -> torch.Tensor:
+    """Sum of the Fisher entries of every parameter of each block (qkv, proj, MLP, norms, rel-pos)."""
+    sens = torch.zeros(depth, dtype=torch.float64)
+    for name, values in fisher.items():
+        rest = name[len(prefix) :] if name.startswith(prefix) else None
+        if rest is None or not rest.startswith("blocks."):
+            continue
+        sens[int(rest.split(".")[1])] += float(values.double().sum())
+    return sens
+
+
+def allocate_quota(
+    n_remove: int, sensitivity: torch.Tensor, capacity: Sequence[int], protected: Sequence[int] = ()
+) -> list[int]:
+    """Split ``n_remove`` over blocks in proportion to ``1 / sensitivity``, within each block's capacity.
+
+    Rounded shares are clipped to ``[0, capacity_b]``; a deficit goes to the blocks with the most
+    headroom left, a surplus is taken from the largest quotas. If the eligible capacity is smaller than
+    ``n_remove`` every eligible block is filled and the caller reports the shortfall.
+    """
+    depth = len(capacity)
+    eligible = [b for b in range(depth) if b not in set(protected) and capacity[b] > 0]
+    quota = [0] * depth
+    if n_remove <= 0 or not eligible:
+        return quota
+    inv = torch.tensor([1.0 / (float(sensitivity[b]) + 1e-12) for b in eligible], dtype=torch.float64)
+    shares = inv / inv.sum()
+    for b, share in zip(eligible, shares.tolist()):
+        quota[b] = min(capacity[b], max(0, round(share * n_remove)))
+    target = min(n_remove, sum(capacity[b] for b in eligible))
+    while sum(quota) < target:
+        b = max(eligible, key=lambda i: (capacity[i] - quota[i], -i))
+        quota[b] += min(capacity[b] - quota[b], target - sum(quota))
+    while sum(quota) > target:
+        b = max(eligible, key=lambda i: (quota[i], -i))
+        quota[b] -= min(quota[b], sum(quota) - target)
+    return quota
+
+
+def select_removals(scores: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], quota: Sequence[int]):
+    """New keep-masks removing, per block, the ``quota_b`` lowest-scored groups among those still kept.
+
+    Ties are broken by the lower index (stable sort), so results are deterministic.
+    """
+    new_masks = []
+    for block_scores, block_kept, n in zip(scores, kept, quota):
+        mask = block_kept.clone().bool()
+        if n > 0:
+            candidates = torch.nonzero(mask).flatten()
+            order = torch.sort(block_scores[candidates].double().cpu(), stable=True).indices
+            mask[candidates[order[:n]]] = False
+        new_masks.append(mask)
+    return new_masks
+
+
+def _capacity(kept: Sequence[torch.Tensor], min_keep: Sequence[int]) -> list[int]:
+    return [max(0, int(k.sum()) - m) for k, m in zip(kept, min_keep)]
+
+
+def plan_family(
+    family: str,
+    sparsity: float,
+    scores: Sequence[torch.Tensor],
+    kept: Sequence[torch.Tensor],
+    sensitivity: torch.Tensor,
+    min_keep: Sequence[int],
+    protected: Sequence[int] = (),
+    additional: bool = False,
+) -> tuple[list[torch.Tensor], BudgetReport]:
+    """Masks and report for one family (``heads`` or ``channels``).
+
+    Args:
+        family: label for messages.
+        sparsity: fraction of the original groups to have removed (``additional=False``) or to remove
+            on top of what is already removed (``additional=True``, continuation mode).
+        scores: per-block scores.
+        kept: per-block current keep-masks (dense width = original groups).
+        sensitivity: per-block sensitivity.
+        min_keep: per-block floor of kept groups.
+        protected: blocks never pruned in this step.
+        additional: interpret ``sparsity`` as additional removals.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"{family} sparsity must lie in [0, 1), got {sparsity}")
+    total = sum(k.numel() for k in kept)
+    already = total - sum(int(k.sum()) for k in kept)
+    wanted = round(sparsity * total)
+    n_remove = wanted if additional else max(0, wanted - already)
+    quota = allocate_quota(n_remove, sensitivity, _capacity(kept, min_keep), protected)
+    masks = select_removals(scores, kept, quota)
+    report = BudgetReport(family, already + n_remove, already + sum(quota), total, quota)
+    if report.achieved < report.requested:
+        message = (
+            f"{family}: requested {report.requested}/{total} removed ({report.requested_sparsity:.1%}) but floors "
+            f"and protected blocks allow only {report.achieved} ({report.achieved_sparsity:.1%})"
+        )
+        warnings.warn(message, BudgetShortfallWarning, stacklevel=2)
+        logger.warning(message)
+    return masks, report
+
+
+def min_keep_per_block(widths: Sequence[int], min_keep: int | None = None, min_fraction: float | None = None):
+    """Per-block floors from an absolute count or a fraction of the dense width (at least 1)."""
+    if min_keep is not None:
+        return [max(1, min(int(min_keep), w)) for w in widths]
+    fraction = 0.05 if min_fraction is None else float(min_fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"min_fraction must lie in (0, 1], got {fraction}")
+    return [max(1, round(fraction * w)) for w in widths]
+
+
+def plan_masks(
+    masks: StructuredMasks,
+    head_scores: Sequence[torch.Tensor] | None,
+    channel_scores: Sequence[torch.Tensor] | None,
+    sensitivity: torch.Tensor,
+    head_sparsity: float = 0.0,
+    mlp_sparsity: float = 0.0,
+    min_keep_heads: int = 1,
+    min_keep_mlp_fraction: float = 0.05,
+    protected: Sequence[int] = (),
+    additional: bool = False,
+) -> tuple[StructuredMasks, list[BudgetReport]]:
+    """Apply head and/or MLP budgets to ``masks``; families whose scores are ``None`` are left as they are."""
+    heads, channels, reports = list(masks.heads), list(masks.channels), []
+    if head_scores is not None:
+        floors = min_keep_per_block([m.numel() for m in heads], min_keep=min_keep_heads)
+        heads, rep = plan_family("heads", head_sparsity, head_scores, heads, sensitivity, floors, protected, additional)
+        reports.append(rep)
+    if channel_scores is not None:
+        floors = min_keep_per_block([m.numel() for m in channels], min_fraction=min_keep_mlp_fraction)
+        channels, rep = plan_family(
+            "channels", mlp_sparsity, channel_scores, channels, sensitivity, floors, protected, additional
+        )
+        reports.append(rep)
+    return StructuredMasks(heads, channels), reports

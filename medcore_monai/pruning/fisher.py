@@ -1,0 +1,218 @@
+"""Boundary-aware diagonal Fisher of the image encoder, computed by an Ignite engine.
+
+For every calibration sample n (tight box prompt, one sample at a time so the squares are of
+per-sample gradients), ``F_i = (1/N) sum_n (dL_n / dtheta_i)^2`` with ``L`` the boundary-weighted
+BCE + Dice of :func:`medcore_monai.losses.boundary_weighted_bce_dice`. Squares are accumulated in
+fp32 on the model's device; samples with a non-finite loss or gradient are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from ignite.engine import Engine, Events
+from torch import nn
+
+from ..losses import boundary_weighted_bce_dice
+from ..networks.structure import encoder_structure, group_sums
+
+__all__ = ["FisherResult", "FisherAccumulator", "create_fisher_engine", "compute_fisher", "cross_fisher"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FisherResult:
+    """Diagonal Fisher per encoder parameter (names as in ``image_encoder.named_parameters()``)."""
+
+    fisher: dict[str, torch.Tensor]
+    used: int
+    skipped: int
+    taylor_heads: list[torch.Tensor] = field(default_factory=list)
+    taylor_channels: list[torch.Tensor] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> FisherResult:
+        """Copy with every tensor on ``device``."""
+        return FisherResult(
+            fisher={k: v.to(device) for k, v in self.fisher.items()},
+            used=self.used,
+            skipped=self.skipped,
+            taylor_heads=[t.to(device) for t in self.taylor_heads],
+            taylor_channels=[t.to(device) for t in self.taylor_channels],
+        )
+
+
+class FisherAccumulator:
+    """Adds up squared per-sample gradients of the encoder parameters, on their device.
+
+    With ``group_taylor=True`` it also accumulates the first-order Taylor importance of each head and
+    MLP channel, ``(sum_{i in g} g_i theta_i)^2`` per sample (the grouped Taylor criterion of
+    Molchanov et al.), used by the ``taylor`` baseline.
+    """
+
+    def __init__(self, encoder: nn.Module, group_taylor: bool = False) -> None:
+        self.encoder = encoder
+        self.params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("no encoder parameter requires grad; nothing to calibrate")
+        self.group_taylor = group_taylor
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the sums and counts."""
+        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+        self.used = 0
+        self.skipped = 0
+        self.taylor_heads: list[torch.Tensor] = []
+        self.taylor_channels: list[torch.Tensor] = []
+
+    def add_current_gradients(self) -> bool:
+        """Fold the gradients now stored on the parameters in; return False if they were skipped."""
+        grads = {n: p.grad for n, p in self.params.items()}
+        missing = [n for n, g in grads.items() if g is None]
+        if len(missing) == len(grads):
+            raise RuntimeError("no gradient reached the image encoder; is it frozen or detached?")
+        finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads.values())
+        if not finite:
+            self.skipped += 1
+            return False
+        with torch.no_grad():
+            for name, grad in grads.items():
+                if grad is not None:
+                    self.sums[name].addcmul_(grad.float(), grad.float())
+            if self.group_taylor:
+                self._add_taylor(grads)
+        self.used += 1
+        return True
+
+    def _add_taylor(self, grads: Mapping[str, torch.Tensor | None]) -> None:
+        products = {
+            n: (g.float() * self.params[n].detach().float()) if g is not None else torch.zeros_like(self.sums[n])
+            for n, g in grads.items()
+        }
+        heads, channels = group_sums(products, encoder_structure(self.encoder))
+        if not self.taylor_heads:
+            self.taylor_heads = [h.square() for h in heads]
+            self.taylor_channels = [c.square() for c in channels]
+        else:
+            for acc, h in zip(self.taylor_heads, heads):
+                acc.add_(h.square())
+            for acc, c in zip(self.taylor_channels, channels):
+                acc.add_(c.square())
+
+    def result(self) -> FisherResult:
+        """Mean over accepted samples.
+
+        Raises:
+            RuntimeError: if every sample was skipped.
+        """
+        if self.used == 0:
+            raise RuntimeError(f"Fisher calibration accepted no sample ({self.skipped} skipped as non-finite)")
+        return FisherResult(
+            fisher={n: s / self.used for n, s in self.sums.items()},
+            used=self.used,
+            skipped=self.skipped,
+            taylor_heads=[t / self.used for t in self.taylor_heads],
+            taylor_channels=[t / self.used for t in self.taylor_channels],
+        )
+
+
+def _freeze_all_but_encoder(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("image_encoder."))
+
+
+def create_fisher_engine(
+    model: nn.Module,
+    accumulator: FisherAccumulator,
+    device: torch.device | str | None = None,
+    boundary_weight: float = 3.0,
+    reduction: str = "mean",
+) -> Engine:
+    """An Ignite engine whose iterations add per-sample squared gradients to ``accumulator``.
+
+    Batches are dicts with ``image`` ``[B, 3, S, S]``, ``label_lowres`` ``[B, 1, s, s]`` and ``box``
+    ``[B, 4]``; each sample of a batch gets its own backward pass, which is what makes the squares
+    per-sample. ``engine.state.output`` holds the batch's mean loss; ``engine.state.fisher_used`` and
+    ``engine.state.fisher_skipped`` the running counts.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def process(engine: Engine, batch: Mapping[str, torch.Tensor]) -> float:
+        images = batch["image"].to(device, non_blocking=True)
+        targets = batch["label_lowres"].to(device, non_blocking=True)
+        boxes = torch.as_tensor(batch["box"]).to(device)
+        losses = []
+        for i in range(images.shape[0]):
+            model.zero_grad(set_to_none=True)
+            logits = model(images[i : i + 1], boxes[i : i + 1])
+            loss = boundary_weighted_bce_dice(logits, targets[i : i + 1], boundary_weight, reduction=reduction)
+            if not torch.isfinite(loss):
+                accumulator.skipped += 1
+                continue
+            loss.backward()
+            if accumulator.add_current_gradients():
+                losses.append(float(loss.detach()))
+        engine.state.fisher_used = accumulator.used
+        engine.state.fisher_skipped = accumulator.skipped
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    engine = Engine(process)
+
+    @engine.on(Events.STARTED)
+    def _prepare(_: Engine) -> None:
+        model.eval()
+        _freeze_all_but_encoder(model)
+        accumulator.reset()
+
+    @engine.on(Events.COMPLETED)
+    def _log_counts(eng: Engine) -> None:
+        model.zero_grad(set_to_none=True)
+        logger.info("Fisher calibration: %d samples used, %d skipped", accumulator.used, accumulator.skipped)
+
+    return engine
+
+
+def compute_fisher(
+    model: nn.Module,
+    data: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device | str | None = None,
+    boundary_weight: float = 3.0,
+    reduction: str = "mean",
+    group_taylor: bool = False,
+    progress: bool = True,
+    description: str = "Fisher",
+) -> FisherResult:
+    """Boundary-aware diagonal Fisher of ``model.image_encoder`` over ``data`` (one pass).
+
+    Args:
+        model: a :class:`~medcore_monai.networks.MedSAM` (masks may be attached; removed groups get 0).
+        data: iterable of batches (see :func:`create_fisher_engine`).
+        device: where to compute and accumulate (default: the model's device).
+        boundary_weight: lambda_B of the loss.
+        reduction: loss reduction over pixels (``mean`` default, ``sum`` as in the reference code).
+        group_taylor: also accumulate grouped first-order Taylor scores.
+        progress: show an Ignite progress bar.
+        description: progress bar label.
+    """
+    accumulator = FisherAccumulator(model.image_encoder, group_taylor=group_taylor)
+    engine = create_fisher_engine(model, accumulator, device, boundary_weight, reduction)
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(desc=description, persist=False).attach(engine)
+    engine.run(data, max_epochs=1)
+    return accumulator.result()
+
+
+def cross_fisher(
+    fisher_medsam: Mapping[str, torch.Tensor], fisher_sam: Mapping[str, torch.Tensor], eps: float = 1e-30
+) -> dict[str, torch.Tensor]:
+    """Element-wise ``sqrt(F^M * F^S + eps)``; parameters SAM lacks count as ``F^S = 0``."""
+    return {
+        name: torch.sqrt(fm * fisher_sam[name].to(fm.device) + eps) if name in fisher_sam else torch.sqrt(fm * 0 + eps)
+        for name, fm in fisher_medsam.items()
+    }
