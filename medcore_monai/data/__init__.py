@@ -1,1 +1,38 @@
-"""data of medcore_monai."""
+"""data of medcore_monai: sources, splits and caching datasets for MedSAM pruning and evaluation."""
+
+from medcore_monai.data.cache import CACHE_MODES, build_dataset, transform_fingerprint
+from medcore_monai.data.errors import DataError
+from medcore_monai.data.io import IMAGE_SUFFIXES_2D, TIFF_SUFFIXES, read_image_2d
+from medcore_monai.data.sources import (
+    NIFTI_SUFFIXES,
+    datalist_items,
+    drop_empty_masks,
+    folder_pairs,
+    has_foreground,
+    nifti_slices,
+    normalise_intensity,
+    sample_stem,
+)
+from medcore_monai.data.splits import SPLIT_NAMES, SplitManifest, apply_split, make_splits
+
+__all__ = [
+    "CACHE_MODES",
+    "IMAGE_SUFFIXES_2D",
+    "NIFTI_SUFFIXES",
+    "SPLIT_NAMES",
+    "TIFF_SUFFIXES",
+    "DataError",
+    "SplitManifest",
+    "apply_split",
+    "build_dataset",
+    "datalist_items",
+    "drop_empty_masks",
+    "folder_pairs",
+    "has_foreground",
+    "make_splits",
+    "nifti_slices",
+    "normalise_intensity",
+    "read_image_2d",
+    "sample_stem",
+    "transform_fingerprint",
+]
