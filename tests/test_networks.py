@@ -61,9 +61,12 @@ def test_segment_anything_modeling_imports_when_torchvision_is_broken(tmp_path):
     (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     code = textwrap.dedent(
         """
+        import pickle
+        import monai.transforms  # MONAI probes segment_anything and leaves its submodules behind
         import torch
         from medcore_monai.networks import build_sam, MedSAM
         sam = build_sam("tiny", seed=0)
+        pickle.dumps(type(sam))  # the parent package must be importable again
         out = MedSAM(sam)(torch.rand(1, 3, 256, 256), torch.tensor([[10.0, 10.0, 100.0, 100.0]]))
         print(tuple(out.shape))
         """

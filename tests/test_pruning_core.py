@@ -56,7 +56,9 @@ def test_boundary_weight_increases_loss_on_boundary_errors():
     assert weighted > plain
     summed = boundary_weighted_bce_dice(logits, target, boundary_weight=3.0, reduction="sum")
     # summing over the 256 pixels instead of averaging scales the BCE part by 256
-    dice = boundary_weighted_bce_dice(logits, target, boundary_weight=0.0) - torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    dice = boundary_weighted_bce_dice(
+        logits, target, boundary_weight=0.0
+    ) - torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     assert float(summed - dice) == pytest.approx(256 * float(weighted - dice), rel=1e-5)
 
 
@@ -165,8 +167,18 @@ def test_zero_and_reset_scores_by_hand():
 
 
 def test_alpha_rule():
-    z = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5.0, 5.0, 5.0]), torch.tensor([4.0])]
-    r = [torch.tensor([2.0, 4.0, 6.0]), torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0])]
+    z = [
+        torch.tensor([1.0, 2.0, 3.0]),
+        torch.tensor([1.0, 2.0, 3.0]),
+        torch.tensor([5.0, 5.0, 5.0]),
+        torch.tensor([4.0]),
+    ]
+    r = [
+        torch.tensor([2.0, 4.0, 6.0]),
+        torch.tensor([3.0, 2.0, 1.0]),
+        torch.tensor([1.0, 2.0, 3.0]),
+        torch.tensor([1.0]),
+    ]
     alpha = alpha_per_block(z, r)
     assert alpha.tolist() == pytest.approx([1.0, 0.0, 1.0, 1.0])
 

@@ -39,9 +39,7 @@ class MedSAM(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``[B, 256, g, g]`` from ``[B, 3, S, S]`` images in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.img_size:
-            raise ValueError(
-                f"expected images [B, 3, {self.img_size}, {self.img_size}], got {tuple(images.shape)}"
-            )
+            raise ValueError(f"expected images [B, 3, {self.img_size}, {self.img_size}], got {tuple(images.shape)}")
         if self.pixel_normalize:
             images = (images * 255.0 - self.pixel_mean) / self.pixel_std
         return self.image_encoder(images)

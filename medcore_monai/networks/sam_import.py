@@ -26,10 +26,11 @@ def _register_bare_parent_package() -> None:
     sys.modules["segment_anything"] = parent
 
 
-def sam_modeling() -> ModuleType:
-    """Return ``segment_anything.modeling``, importing it without torchvision where needed."""
-    if "segment_anything.modeling" in sys.modules:
-        return sys.modules["segment_anything.modeling"]
+def _ensure_parent_package() -> None:
+    # Another library's failed `import segment_anything` (MONAI probes it optionally) can leave the
+    # modeling submodules in sys.modules without their parent, which breaks pickling and re-imports.
+    if sys.modules.get("segment_anything") is not None:
+        return
     if importlib.util.find_spec("segment_anything") is None:
         raise ImportError("segment-anything is not installed: pip install segment-anything")
     try:
@@ -37,6 +38,11 @@ def sam_modeling() -> ModuleType:
     except (ImportError, RuntimeError, OSError):  # torchvision missing, or built for another torch
         sys.modules.pop("segment_anything", None)
         _register_bare_parent_package()
+
+
+def sam_modeling() -> ModuleType:
+    """Return ``segment_anything.modeling``, importing it without torchvision where needed."""
+    _ensure_parent_package()
     return importlib.import_module("segment_anything.modeling")
 
 

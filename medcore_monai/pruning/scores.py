@@ -85,8 +85,14 @@ def reset_scores(
 
 
 def _group_tensors(values: Mapping[str, torch.Tensor]) -> list[str]:
-    suffixes = ("attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.lin1.weight", "mlp.lin1.bias",
-                "mlp.lin2.weight")
+    suffixes = (
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "mlp.lin1.weight",
+        "mlp.lin1.bias",
+        "mlp.lin2.weight",
+    )
     return [n for n in values if n.endswith(suffixes)]
 
 
