@@ -1,1 +1,1 @@
-"""engines of medcore_monai."""
+"""Ignite/MONAI engines of medcore_monai: evaluation, recovery, fine-tuning."""

@@ -1,0 +1,32 @@
+"""Batch conventions shared by the Ignite engines (calibration, recovery, fine-tuning, evaluation)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+
+__all__ = ["plain_tensor", "prepare_medsam_batch"]
+
+
+def plain_tensor(value: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
+    """A plain ``torch.Tensor`` on ``device`` (MetaTensor metadata tracking costs time in the model)."""
+    tensor = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+    return tensor.to(device=device, non_blocking=non_blocking) if device is not None else tensor
+
+
+def prepare_medsam_batch(
+    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **_: Any
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor], dict[str, Any]]:
+    """``prepare_batch`` for MONAI engines driving :class:`~medcore_monai.networks.MedSAM`.
+
+    Returns ``(images, label_lowres, (boxes,), {})`` so that MONAI's ``SupervisedTrainer`` /
+    ``SupervisedEvaluator`` call ``network(images, boxes)`` and compare the low-resolution logits with
+    ``label_lowres``.
+    """
+    images = plain_tensor(batchdata["image"], device, non_blocking).float()
+    target = plain_tensor(batchdata["label_lowres"], device, non_blocking).float()
+    boxes = plain_tensor(batchdata["box"], device, non_blocking).float()
+    return images, target, (boxes,), {}
