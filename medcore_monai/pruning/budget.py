@@ -136,6 +136,7 @@ def plan_family(
     min_keep: Sequence[int],
     protected: Sequence[int] = (),
     additional: bool = False,
+    total: int | None = None,
 ) -> tuple[list[torch.Tensor], BudgetReport]:
     """Masks and report for one family (``heads`` or ``channels``).
 
@@ -149,10 +150,12 @@ def plan_family(
         min_keep: per-block floor of kept groups.
         protected: blocks never pruned in this step.
         additional: interpret ``sparsity`` as additional removals.
+        total: number of groups of the original dense encoder, when ``kept`` describes an already
+            slimmed (compact) encoder; default: the masks' widths.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"{family} sparsity must lie in [0, 1), got {sparsity}")
-    total = sum(k.numel() for k in kept)
+    total = sum(k.numel() for k in kept) if total is None else int(total)
     already = total - sum(int(k.sum()) for k in kept)
     wanted = round(sparsity * total)
     n_remove = wanted if additional else max(0, wanted - already)
@@ -190,17 +193,35 @@ def plan_masks(
     min_keep_mlp_fraction: float = 0.05,
     protected: Sequence[int] = (),
     additional: bool = False,
+    totals: tuple[int, int] | None = None,
 ) -> tuple[StructuredMasks, list[BudgetReport]]:
-    """Apply head and/or MLP budgets to ``masks``; families whose scores are ``None`` are left as they are."""
+    """Apply head and/or MLP budgets to ``masks``; families whose scores are ``None`` are left as they are.
+
+    ``totals`` gives the original dense (heads, channels) counts when ``masks`` describes a compact
+    encoder, so sparsities stay fractions of the original model.
+    """
+    head_total, channel_total = totals if totals is not None else (None, None)
     heads, channels, reports = list(masks.heads), list(masks.channels), []
     if head_scores is not None:
         floors = min_keep_per_block([m.numel() for m in heads], min_keep=min_keep_heads)
-        heads, rep = plan_family("heads", head_sparsity, head_scores, heads, sensitivity, floors, protected, additional)
+        heads, rep = plan_family(
+            "heads", head_sparsity, head_scores, heads, sensitivity, floors, protected, additional, head_total
+        )
         reports.append(rep)
     if channel_scores is not None:
-        floors = min_keep_per_block([m.numel() for m in channels], min_fraction=min_keep_mlp_fraction)
+        # the floor is a fraction of the *dense* width, also for an already slimmed encoder
+        dense = [channel_total // len(channels)] * len(channels) if channel_total else [m.numel() for m in channels]
+        floors = min_keep_per_block(dense, min_fraction=min_keep_mlp_fraction)
         channels, rep = plan_family(
-            "channels", mlp_sparsity, channel_scores, channels, sensitivity, floors, protected, additional
+            "channels",
+            mlp_sparsity,
+            channel_scores,
+            channels,
+            sensitivity,
+            floors,
+            protected,
+            additional,
+            channel_total,
         )
         reports.append(rep)
     return StructuredMasks(heads, channels), reports

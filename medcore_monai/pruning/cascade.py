@@ -1,0 +1,371 @@
+"""The MedCore cascade: heads -> recovery -> MLP channels -> recovery, with any score method.
+
+One call prunes a MedSAM model in place. Scores come from per-dataset boundary-aware Fisher of the
+current model and (for ``dual``/``reset``) the Fisher of the general SAM reference; budgets are split
+over blocks by sensitivity; after each step the model is slimmed physically (default) or masked, then
+recovered against the model as it was at the start of the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..engines.recovery import RecoveryConfig, TeacherOutputs, recover
+from ..networks.structure import StructuredMasks, attach_masks, encoder_structure, kept_indices, slim_encoder_
+from .budget import BudgetReport, block_sensitivity, plan_masks
+from .fisher import FisherResult, compute_fisher, cross_fisher
+from .scores import (
+    SCORE_METHODS,
+    GroupScores,
+    aggregate_datasets,
+    alpha_per_block,
+    magnitude_scores,
+    mix_scores,
+    random_scores,
+    reset_scores,
+    zero_scores,
+)
+
+__all__ = ["CascadeConfig", "CascadeResult", "aligned_reference", "score_groups", "run_cascade"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """Everything that decides what the cascade removes and how it recovers."""
+
+    head_sparsity: float = 0.5
+    mlp_sparsity: float = 0.7
+    score: str = "dual"
+    protected_blocks: tuple[int, ...] = ()
+    min_keep_heads: int = 1
+    min_keep_mlp_fraction: float = 0.05
+    boundary_fisher_weight: float = 3.0
+    fisher_reduction: str = "mean"
+    dist_beta: float = 0.3
+    spread: str = "std"
+    pi: tuple[float, ...] | None = None
+    recompute_mlp_scores: bool = False
+    continuation: bool = False
+    slim: bool = True
+    teacher_cache: bool = True
+    seed: int = 0
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORE_METHODS:
+            raise ValueError(f"score must be one of {SCORE_METHODS}, got {self.score!r}")
+        for name in ("head_sparsity", "mlp_sparsity"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class CascadeResult:
+    """What one cascade did."""
+
+    masks: StructuredMasks
+    budgets: list[BudgetReport]
+    scores: dict[str, np.ndarray]
+    fisher_counts: dict[str, dict[str, int]]
+    recovery: dict[str, Any]
+    timing: dict[str, float]
+    kept_heads: list[list[int]]
+    kept_channels: list[list[int]]
+
+
+def aligned_reference(reference: Mapping[str, torch.Tensor], encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """Slice dense reference tensors (SAM weights or Fisher) to the heads/channels a compact encoder still holds."""
+    out = dict(reference)
+    for b, block in enumerate(encoder.blocks):
+        heads, channels = kept_indices(block)
+        attn = block.attn
+        head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        p = f"blocks.{b}."
+        dense_width = reference[p + "attn.qkv.weight"].shape[0] // 3
+        cols = (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        rows = torch.cat([cols, cols + dense_width, cols + 2 * dense_width])
+        idx = torch.tensor(channels)
+        for name, dim, index in (
+            ("attn.qkv.weight", 0, rows),
+            ("attn.qkv.bias", 0, rows),
+            ("attn.proj.weight", 1, cols),
+            ("mlp.lin1.weight", 0, idx),
+            ("mlp.lin1.bias", 0, idx),
+            ("mlp.lin2.weight", 1, idx),
+        ):
+            if p + name in reference:
+                tensor = reference[p + name]
+                out[p + name] = tensor.index_select(dim, index.to(tensor.device))
+    return out
+
+
+def _encoder_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.image_encoder.named_parameters()}
+
+
+def _pi_weighted_fisher(fishers: Sequence[FisherResult], pi: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: sum(float(w) * f.fisher[name] for w, f in zip(pi, fishers)) for name in fishers[0].fisher}
+
+
+def _normalised_pi(pi: Sequence[float] | None, count: int) -> torch.Tensor:
+    weights = torch.ones(count, dtype=torch.float64) if pi is None else torch.tensor(pi, dtype=torch.float64)
+    if weights.numel() != count or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+        raise ValueError(f"pi must hold {count} non-negative weights with a positive sum, got {list(weights)}")
+    return weights / weights.sum()
+
+
+def score_groups(
+    method: str,
+    fishers: Sequence[FisherResult],
+    weights: Mapping[str, torch.Tensor],
+    structure,
+    fisher_sam: Mapping[str, torch.Tensor] | None = None,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    pi: Sequence[float] | None = None,
+    beta: float = 0.3,
+    spread: str = "std",
+    seed: int = 0,
+) -> tuple[GroupScores, dict[str, np.ndarray]]:
+    """Head and channel scores for one method, plus the arrays worth saving (``scores.npz``).
+
+    ``dual`` mixes zero and reset scores with the per-block alpha rule, ``zero`` is alpha = 1 (plain
+    Fisher, OBD-style), ``reset`` is alpha = 0; ``taylor`` uses grouped first-order Taylor scores from
+    calibration; ``magnitude`` and ``random`` need no data. Data-driven scores are aggregated over
+    datasets with :func:`aggregate_datasets`.
+    """
+    pi_t = _normalised_pi(pi, len(fishers))
+    details: dict[str, np.ndarray] = {"pi": pi_t.numpy()}
+    if method == "random":
+        return random_scores(structure, seed), details
+    if method == "magnitude":
+        return magnitude_scores(weights, structure), details
+    if method == "taylor":
+        if not fishers[0].taylor_heads:
+            raise ValueError("taylor scores need calibration with group_taylor=True")
+        per_dataset = [GroupScores(list(f.taylor_heads), list(f.taylor_channels)) for f in fishers]
+        return aggregate_datasets(per_dataset, pi_t.tolist(), beta, spread), details
+    zero = [zero_scores(f.fisher, weights, structure) for f in fishers]
+    if method == "zero":
+        per_dataset = zero
+        alpha = torch.ones(len(structure), dtype=torch.float64)
+    else:
+        if fisher_sam is None or reference is None:
+            raise ValueError(f"score {method!r} needs the SAM reference model")
+        reset = [reset_scores(cross_fisher(f.fisher, fisher_sam), weights, reference, structure) for f in fishers]
+        mean_zero = [sum(float(w) * z.heads[b] for w, z in zip(pi_t, zero)) for b in range(len(structure))]
+        mean_reset = [sum(float(w) * r.heads[b] for w, r in zip(pi_t, reset)) for b in range(len(structure))]
+        alpha = alpha_per_block(mean_zero, mean_reset) if method == "dual" else torch.zeros(len(structure))
+        per_dataset = [mix_scores(z, r, alpha) for z, r in zip(zero, reset)]
+        details["reset_heads_per_dataset"] = np.stack([torch.cat(r.heads).cpu().numpy() for r in reset])
+        details["reset_channels_per_dataset"] = np.stack([torch.cat(r.channels).cpu().numpy() for r in reset])
+    details["zero_heads_per_dataset"] = np.stack([torch.cat(z.heads).cpu().numpy() for z in zero])
+    details["zero_channels_per_dataset"] = np.stack([torch.cat(z.channels).cpu().numpy() for z in zero])
+    details["alpha_per_block"] = alpha.cpu().numpy()
+    return aggregate_datasets(per_dataset, pi_t.tolist(), beta, spread), details
+
+
+def _loader(samples: Sequence[Mapping[str, Any]]) -> DataLoader:
+    return DataLoader(list(samples), batch_size=1, shuffle=False)
+
+
+class _Pruner:
+    """State of one cascade: the model, its masks or slimmed structure, teacher and calibration data."""
+
+    def __init__(self, model, reference_model, calibration, config: CascadeConfig, device, output_dir, progress):
+        self.model, self.reference_model = model, reference_model
+        self.calibration = dict(calibration)
+        self.config, self.device, self.progress = config, torch.device(device), progress
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.pooled = [s for samples in self.calibration.values() for s in samples]
+        self.masks = StructuredMasks.full(encoder_structure(model.image_encoder))
+        self.hooks = None
+        self.timing: dict[str, float] = {}
+        self.fisher_counts: dict[str, dict[str, int]] = {}
+        cfg = model.medcore_config
+        depth = len(model.image_encoder.blocks)
+        self.totals = (depth * cfg.num_heads, depth * cfg.mlp_dim) if cfg is not None else None
+
+    def timed(self, stage: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timing[stage] = self.timing.get(stage, 0.0) + time.perf_counter() - start
+        return out
+
+    def fisher_per_dataset(self, tag: str) -> list[FisherResult]:
+        results = []
+        for name, samples in self.calibration.items():
+            result = compute_fisher(
+                self.model,
+                _loader(samples),
+                self.device,
+                self.config.boundary_fisher_weight,
+                self.config.fisher_reduction,
+                group_taylor=self.config.score == "taylor",
+                progress=self.progress,
+                description=f"Fisher {name}",
+            )
+            self.fisher_counts[f"{tag}:{name}"] = {"used": result.used, "skipped": result.skipped}
+            results.append(result)
+        return results
+
+    def sam_fisher(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | tuple[None, None]:
+        if self.config.score not in ("dual", "reset"):
+            return None, None
+        if self.reference_model is None:
+            raise ValueError(f"score {self.config.score!r} needs a SAM reference checkpoint (sam_ckpt)")
+        self.reference_model.to(self.device)
+        result = compute_fisher(
+            self.reference_model,
+            _loader(self.pooled),
+            self.device,
+            self.config.boundary_fisher_weight,
+            self.config.fisher_reduction,
+            progress=self.progress,
+            description="Fisher SAM",
+        )
+        self.fisher_counts["sam"] = {"used": result.used, "skipped": result.skipped}
+        weights = _encoder_weights(self.reference_model)
+        self.reference_model.to("cpu")
+        return result.fisher, {k: v.to(self.device) for k, v in weights.items()}
+
+    def scores(self, fishers, fisher_sam, sam_weights) -> tuple[GroupScores, dict[str, np.ndarray]]:
+        encoder = self.model.image_encoder
+        structure = encoder_structure(encoder)
+        aligned_fs = aligned_reference(fisher_sam, encoder) if fisher_sam is not None else None
+        aligned_ws = aligned_reference(sam_weights, encoder) if sam_weights is not None else None
+        return score_groups(
+            self.config.score,
+            fishers,
+            _encoder_weights(self.model),
+            structure,
+            aligned_fs,
+            aligned_ws,
+            self.config.pi,
+            self.config.dist_beta,
+            self.config.spread,
+            self.config.seed,
+        )
+
+    def sensitivity(self, fishers) -> torch.Tensor:
+        pi = _normalised_pi(self.config.pi, len(fishers))
+        return block_sensitivity(_pi_weighted_fisher(fishers, pi), len(self.model.image_encoder.blocks))
+
+    def apply(self, new_masks: StructuredMasks) -> None:
+        if self.config.slim:
+            slim_encoder_(self.model.image_encoder, new_masks)
+            self.masks = StructuredMasks.full(encoder_structure(self.model.image_encoder))
+            return
+        self.masks = self.masks.intersect(new_masks)
+        if self.hooks is not None:
+            self.hooks.remove()
+        self.hooks = attach_masks(self.model.image_encoder, self.masks)
+
+    def plan(self, head_scores, channel_scores, sensitivity, family: str) -> BudgetReport:
+        cfg = self.config
+        new_masks, reports = plan_masks(
+            self.masks,
+            head_scores,
+            channel_scores,
+            sensitivity,
+            head_sparsity=cfg.head_sparsity,
+            mlp_sparsity=cfg.mlp_sparsity,
+            min_keep_heads=cfg.min_keep_heads,
+            min_keep_mlp_fraction=cfg.min_keep_mlp_fraction,
+            protected=cfg.protected_blocks,
+            additional=cfg.continuation,
+            totals=self.totals,
+        )
+        self.apply(new_masks)
+        return reports[0]
+
+
+def run_cascade(
+    model: nn.Module,
+    calibration: Mapping[str, Sequence[Mapping[str, Any]]],
+    config: CascadeConfig = CascadeConfig(),
+    reference_model: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+) -> CascadeResult:
+    """Prune ``model`` (a :class:`~medcore_monai.networks.MedSAM`) in place.
+
+    Args:
+        model: the medical model; dense, or compact from an earlier run (continuation).
+        calibration: per-dataset lists of preprocessed calibration samples with tight boxes and unique names.
+        config: budgets, score method and recovery settings.
+        reference_model: the general SAM (as a MedSAM module, with the input normalisation it should
+            see); needed for ``dual`` and ``reset``.
+        device: where everything runs (default: the model's device).
+        output_dir: recovery checkpoints go to ``output_dir/recovery_{heads,mlp}`` (resumable).
+        progress: progress bars.
+    """
+    if not calibration or any(len(s) == 0 for s in calibration.values()):
+        raise ValueError("every calibration dataset needs at least one sample")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    state = _Pruner(model, reference_model, calibration, config, device, output_dir, progress)
+    teacher = TeacherOutputs(model, cache=config.teacher_cache)
+    state.timed("teacher", teacher.precompute, state.pooled, device)
+
+    fishers = state.timed("fisher", state.fisher_per_dataset, "initial")
+    fisher_sam, sam_weights = state.timed("fisher_sam", state.sam_fisher)
+    scores, details = state.timed("scores", state.scores, fishers, fisher_sam, sam_weights)
+    sensitivity = state.sensitivity(fishers)
+    details["block_sensitivity"] = sensitivity.numpy()
+    details["head_scores"] = torch.cat(scores.heads).cpu().numpy()
+    details["mlp_scores"] = torch.cat(scores.channels).cpu().numpy()
+
+    budgets = [state.plan(scores.heads, None, sensitivity, "heads")]
+    recovery_log = {"heads": state.timed("recovery", _recover, state, teacher, "heads")}
+
+    if config.recompute_mlp_scores:
+        fishers = state.timed("fisher", state.fisher_per_dataset, "after_heads")
+        scores, _ = state.timed("scores", state.scores, fishers, fisher_sam, sam_weights)
+        sensitivity = state.sensitivity(fishers)
+        details["mlp_scores_recomputed"] = torch.cat(scores.channels).cpu().numpy()
+    budgets.append(state.plan(None, scores.channels, sensitivity, "channels"))
+    recovery_log["mlp"] = state.timed("recovery", _recover, state, teacher, "mlp")
+
+    blocks = model.image_encoder.blocks
+    if config.slim:
+        kept_heads = [kept_indices(b)[0] for b in blocks]
+        kept_channels = [kept_indices(b)[1] for b in blocks]
+    else:
+        kept_heads, kept_channels = state.masks.kept_heads(), state.masks.kept_channels()
+    return CascadeResult(
+        masks=state.masks,
+        budgets=budgets,
+        scores=details,
+        fisher_counts=state.fisher_counts,
+        recovery=recovery_log,
+        timing=state.timing,
+        kept_heads=kept_heads,
+        kept_channels=kept_channels,
+    )
+
+
+def _recover(state: _Pruner, teacher: TeacherOutputs, stage: str) -> dict[str, Any]:
+    folder = state.output_dir / f"recovery_{stage}" if state.output_dir is not None else None
+    return recover(
+        state.model,
+        teacher,
+        state.pooled,
+        state.config.recovery,
+        state.device,
+        checkpoint_dir=folder,
+        progress=state.progress,
+        description=f"recovery ({stage})",
+    )
