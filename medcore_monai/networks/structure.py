@@ -165,7 +165,7 @@ def measure_flops(module: nn.Module, *inputs: torch.Tensor) -> tuple[int, dict[s
     The module is deep-copied to ``meta`` so no real compute or memory is spent (ViT-B at 1024 px
     costs nothing). Returns the total and a per-submodule breakdown keyed by qualified name.
     """
-    meta_module = copy.deepcopy(module).to("meta")
+    meta_module = copy.deepcopy(module).to("meta").requires_grad_(False)
     meta_inputs = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs]
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

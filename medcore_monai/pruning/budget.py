@@ -137,6 +137,7 @@ def plan_family(
     protected: Sequence[int] = (),
     additional: bool = False,
     total: int | None = None,
+    warn: bool = True,
 ) -> tuple[list[torch.Tensor], BudgetReport]:
     """Masks and report for one family (``heads`` or ``channels``).
 
@@ -152,6 +153,7 @@ def plan_family(
         additional: interpret ``sparsity`` as additional removals.
         total: number of groups of the original dense encoder, when ``kept`` describes an already
             slimmed (compact) encoder; default: the masks' widths.
+        warn: warn (and log) when the budget cannot be met.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"{family} sparsity must lie in [0, 1), got {sparsity}")
@@ -162,7 +164,7 @@ def plan_family(
     quota = allocate_quota(n_remove, sensitivity, _capacity(kept, min_keep), protected)
     masks = select_removals(scores, kept, quota)
     report = BudgetReport(family, already + n_remove, already + sum(quota), total, quota)
-    if report.achieved < report.requested:
+    if warn and report.achieved < report.requested:
         message = (
             f"{family}: requested {report.requested}/{total} removed ({report.requested_sparsity:.1%}) but floors "
             f"and protected blocks allow only {report.achieved} ({report.achieved_sparsity:.1%})"
@@ -194,6 +196,7 @@ def plan_masks(
     protected: Sequence[int] = (),
     additional: bool = False,
     totals: tuple[int, int] | None = None,
+    warn: bool = True,
 ) -> tuple[StructuredMasks, list[BudgetReport]]:
     """Apply head and/or MLP budgets to ``masks``; families whose scores are ``None`` are left as they are.
 
@@ -205,7 +208,7 @@ def plan_masks(
     if head_scores is not None:
         floors = min_keep_per_block([m.numel() for m in heads], min_keep=min_keep_heads)
         heads, rep = plan_family(
-            "heads", head_sparsity, head_scores, heads, sensitivity, floors, protected, additional, head_total
+            "heads", head_sparsity, head_scores, heads, sensitivity, floors, protected, additional, head_total, warn
         )
         reports.append(rep)
     if channel_scores is not None:

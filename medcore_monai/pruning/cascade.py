@@ -36,7 +36,7 @@ from .scores import (
     zero_scores,
 )
 
-__all__ = ["CascadeConfig", "CascadeResult", "aligned_reference", "score_groups", "run_cascade"]
+__all__ = ["CascadeConfig", "CascadeResult", "aligned_reference", "score_groups", "score_model", "run_cascade"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,8 @@ class _Pruner:
     """State of one cascade: the model, its masks or slimmed structure, teacher and calibration data."""
 
     def __init__(self, model, reference_model, calibration, config: CascadeConfig, device, output_dir, progress):
+        if not calibration or any(len(samples) == 0 for samples in calibration.values()):
+            raise ValueError("every calibration dataset needs at least one sample")
         self.model, self.reference_model = model, reference_model
         self.calibration = dict(calibration)
         self.config, self.device, self.progress = config, torch.device(device), progress
@@ -291,6 +293,33 @@ class _Pruner:
         return reports[0]
 
 
+def _initial_scores(state: _Pruner):
+    fishers = state.timed("fisher", state.fisher_per_dataset, "initial")
+    fisher_sam, sam_weights = state.timed("fisher_sam", state.sam_fisher)
+    scores, details = state.timed("scores", state.scores, fishers, fisher_sam, sam_weights)
+    sensitivity = state.sensitivity(fishers)
+    details["block_sensitivity"] = sensitivity.numpy()
+    details["head_scores"] = torch.cat(scores.heads).cpu().numpy()
+    details["mlp_scores"] = torch.cat(scores.channels).cpu().numpy()
+    return scores, details, sensitivity, fisher_sam, sam_weights
+
+
+def score_model(
+    model: nn.Module,
+    calibration: Mapping[str, Sequence[Mapping[str, Any]]],
+    config: CascadeConfig = CascadeConfig(),
+    reference_model: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> tuple[GroupScores, dict[str, np.ndarray], torch.Tensor]:
+    """Calibrate and score without pruning: ``(scores, arrays for scores.npz, block sensitivity)``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    state = _Pruner(model, reference_model, calibration, config, device, None, progress)
+    scores, details, sensitivity, _, _ = _initial_scores(state)
+    return scores, details, sensitivity
+
+
 def run_cascade(
     model: nn.Module,
     calibration: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -312,21 +341,12 @@ def run_cascade(
         output_dir: recovery checkpoints go to ``output_dir/recovery_{heads,mlp}`` (resumable).
         progress: progress bars.
     """
-    if not calibration or any(len(s) == 0 for s in calibration.values()):
-        raise ValueError("every calibration dataset needs at least one sample")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     state = _Pruner(model, reference_model, calibration, config, device, output_dir, progress)
     teacher = TeacherOutputs(model, cache=config.teacher_cache)
     state.timed("teacher", teacher.precompute, state.pooled, device)
-
-    fishers = state.timed("fisher", state.fisher_per_dataset, "initial")
-    fisher_sam, sam_weights = state.timed("fisher_sam", state.sam_fisher)
-    scores, details = state.timed("scores", state.scores, fishers, fisher_sam, sam_weights)
-    sensitivity = state.sensitivity(fishers)
-    details["block_sensitivity"] = sensitivity.numpy()
-    details["head_scores"] = torch.cat(scores.heads).cpu().numpy()
-    details["mlp_scores"] = torch.cat(scores.channels).cpu().numpy()
+    scores, details, sensitivity, fisher_sam, sam_weights = _initial_scores(state)
 
     budgets = [state.plan(scores.heads, None, sensitivity, "heads")]
     recovery_log = {"heads": state.timed("recovery", _recover, state, teacher, "heads")}

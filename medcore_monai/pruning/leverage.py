@@ -185,7 +185,7 @@ def _step_fields(
 ) -> tuple[np.ndarray, float]:
     """Band ratios (pooled, image-major) and mean ``|dz|`` over every pixel of every image."""
     before = _as_logit_stack(z_before, "z_before")
-    after = _as_logit_stack(z_after, "z_after").to(before.dtype)
+    after = _as_logit_stack(z_after, "z_after").to(device=before.device, dtype=before.dtype)
     band_mask = _resolve_band(gt_masks, tau, band)
     _check_same_shape(before, after, band_mask)
     grad = sobel_gradient_magnitude(before)[:, 0]

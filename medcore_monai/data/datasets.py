@@ -1,0 +1,125 @@
+"""Turning user data roots into preprocessed, split, cached MedSAM samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..transforms import medsam_preprocess
+from .cache import build_dataset
+from .errors import DataError
+from .sources import NIFTI_SUFFIXES, datalist_items, folder_pairs, nifti_slices
+from .splits import SplitManifest, apply_split, make_splits
+
+__all__ = ["DatasetSpec", "load_items", "is_volumetric", "SplitData", "prepare_splits", "preprocess_split"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One data root: a folder with ``images/`` + ``masks/`` (2D files or NIfTI volumes) or a datalist JSON."""
+
+    root: str
+    name: str
+    label_value: int | None = None
+    datalist_key: str = "training"
+    slice_axis: int = 2
+    intensity: str = "mr"
+
+
+def _is_nifti(path: Any) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def load_items(spec: DatasetSpec) -> list[dict[str, Any]]:
+    """Sample dicts of one dataset; NIfTI volumes are sliced to 2D slices that contain foreground.
+
+    Raises:
+        DataError: when the root is missing, empty or inconsistent.
+    """
+    root = Path(spec.root)
+    if not root.exists():
+        raise DataError(f"data root not found: {root}")
+    if root.is_file():
+        items = datalist_items(root, key=spec.datalist_key, dataset=spec.name)
+    else:
+        items = folder_pairs(root, dataset=spec.name)
+    if items and _is_nifti(items[0]["image"]):
+        items = nifti_slices(
+            items, label_value=spec.label_value, axis=spec.slice_axis, intensity=spec.intensity, dataset=spec.name
+        )
+    if not items:
+        raise DataError(f"no usable samples in {root}")
+    return items
+
+
+def is_volumetric(items: Sequence[dict[str, Any]]) -> bool:
+    """Whether the items are slices of volumes (split and evaluated per volume)."""
+    return bool(items) and "volume" in items[0]
+
+
+@dataclass
+class SplitData:
+    """Items of every dataset and the split manifest that partitions them."""
+
+    items: dict[str, list[dict[str, Any]]]
+    manifest: SplitManifest
+
+    def split(self, dataset: str, name: str) -> list[dict[str, Any]]:
+        """Items of ``dataset`` in split ``name`` (train/val/test/calibration)."""
+        return apply_split(self.items[dataset], self.manifest, name, dataset=dataset)
+
+
+def prepare_splits(
+    specs: Sequence[DatasetSpec],
+    seed: int = 42,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    cal_size: int = 128,
+    manifest_path: str | Path | None = None,
+) -> SplitData:
+    """Load every dataset and split it reproducibly (or reuse a saved manifest)."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise DataError(f"dataset names must be unique, got {names}")
+    items = {spec.name: load_items(spec) for spec in specs}
+    if manifest_path is not None and Path(manifest_path).is_file():
+        return SplitData(items, SplitManifest.load(manifest_path))
+    # each dataset is split on its own (its own generator), slices of one volume staying together
+    per_dataset = [
+        make_splits(
+            dataset_items,
+            seed=seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            cal_size=cal_size,
+            group_key="volume" if is_volumetric(dataset_items) else None,
+        )
+        for dataset_items in items.values()
+    ]
+    manifest = SplitManifest(
+        seed=seed,
+        fractions=per_dataset[0].fractions,
+        cal_size=cal_size,
+        splits={tag: part for m in per_dataset for tag, part in m.splits.items()},
+        group_key="volume" if any(m.group_key for m in per_dataset) else None,
+    )
+    return SplitData(items, manifest)
+
+
+def preprocess_split(
+    items: Sequence[dict[str, Any]],
+    size: int,
+    bbox_shift: int = 0,
+    seed: int = 0,
+    label_value: int | None = None,
+    cache: str = "memory",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+):
+    """A cached dataset of preprocessed samples (deterministic per-sample box jitter)."""
+    transform = medsam_preprocess(
+        size=size, bbox_shift=bbox_shift, seed=seed, deterministic=True, label_value=label_value
+    )
+    return build_dataset(list(items), transform, cache=cache, cache_dir=cache_dir, progress=progress)

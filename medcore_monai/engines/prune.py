@@ -1,0 +1,323 @@
+"""A complete pruning run: data, calibration, cascade, evaluation before/after, outputs.
+
+``run_prune(**settings)`` is what the bundle's ``prune`` workflow calls. It writes into
+``output_dir``: ``report.json``, ``report.md`` with PNG plots, ``scores.npz``, ``splits.json``, the
+compact pruned checkpoint ``model_pruned.pt`` (reloadable with :func:`medcore_monai.networks.load_sam`)
+and the recovery checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+
+from ..data.datasets import DatasetSpec, SplitData, is_volumetric, prepare_splits, preprocess_split
+from ..losses.recovery import RecoveryLossWeights
+from ..networks import MedSAM, count_parameters, file_sha256, load_sam, save_sam
+from ..networks.structure import encoder_flops, measure_flops
+from ..pruning.cascade import CascadeConfig, CascadeResult, run_cascade
+from .evaluation import evaluate_model, summarise
+from .recovery import RecoveryConfig
+
+__all__ = ["PruneSettings", "run_prune", "model_cost", "write_json_atomic"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneSettings:
+    """All settings of a pruning run (the bundle's config keys)."""
+
+    medsam_ckpt: str | None = None
+    sam_ckpt: str | None = None
+    data_roots: Sequence[str] = ()
+    dataset_names: Sequence[str] | None = None
+    output_dir: str = "outputs/prune"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    seed: int = 42
+    head_sparsity: float = 0.5
+    mlp_sparsity: float = 0.7
+    score: str = "dual"
+    protected_blocks: Sequence[int] = ()
+    min_keep_heads: int = 1
+    min_keep_mlp_fraction: float = 0.05
+    boundary_fisher_weight: float = 3.0
+    fisher_reduction: str = "mean"
+    dist_beta: float = 0.3
+    spread: str = "std"
+    pi: Sequence[float] | None = None
+    recompute_mlp_scores: bool = False
+    continuation: bool = False
+    slim: bool = True
+    recovery_steps: int = 100
+    recovery_lr: float = 1e-5
+    recovery_batch_size: int = 1
+    boundary_loss_weight: float = 1.0
+    feat_distill_weight: float = 0.5
+    logit_distill_weight: float = 2.0
+    freq_pred_loss_weight: float = 0.5
+    cal_size: int = 128
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    eval_split: str = "test"
+    eval_bbox_shift: int = 5
+    max_eval_images: int | None = None
+    label_value: int | None = None
+    split_manifest: str | None = None
+    sam_pixel_normalize: bool = False
+    cache: str = "memory"
+    amp: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PruneSettings:
+        """Build from a dict, rejecting unknown keys with one clear message."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown prune settings: {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def cascade_config(self) -> CascadeConfig:
+        """The cascade part of the settings."""
+        recovery = RecoveryConfig(
+            steps=self.recovery_steps,
+            lr=self.recovery_lr,
+            batch_size=self.recovery_batch_size,
+            seed=self.seed,
+            amp=self.amp,
+            loss=RecoveryLossWeights(
+                boundary=self.boundary_loss_weight,
+                feature=self.feat_distill_weight,
+                logit=self.logit_distill_weight,
+                frequency=self.freq_pred_loss_weight,
+            ),
+        )
+        return CascadeConfig(
+            head_sparsity=self.head_sparsity,
+            mlp_sparsity=self.mlp_sparsity,
+            score=self.score,
+            protected_blocks=tuple(self.protected_blocks),
+            min_keep_heads=self.min_keep_heads,
+            min_keep_mlp_fraction=self.min_keep_mlp_fraction,
+            boundary_fisher_weight=self.boundary_fisher_weight,
+            fisher_reduction=self.fisher_reduction,
+            dist_beta=self.dist_beta,
+            spread=self.spread,
+            pi=None if self.pi is None else tuple(self.pi),
+            recompute_mlp_scores=self.recompute_mlp_scores,
+            continuation=self.continuation,
+            slim=self.slim,
+            seed=self.seed,
+            recovery=recovery,
+        )
+
+
+def write_json_atomic(path: str | Path, content: Any) -> Path:
+    """Write JSON through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(content, fh, indent=2, default=_json_default)
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def model_cost(model: MedSAM) -> dict[str, int]:
+    """Parameters and measured FLOPs (batch 1, one box) of the encoder and of the whole model."""
+    size = model.img_size
+    total_flops, _ = measure_flops(model, torch.zeros(1, 3, size, size), torch.tensor([[0.0, 0.0, size / 2, size / 2]]))
+    return {
+        "encoder_params": count_parameters(model.image_encoder),
+        "total_params": count_parameters(model),
+        "encoder_flops": encoder_flops(model.image_encoder),
+        "total_flops": total_flops,
+    }
+
+
+def _check_inputs(settings: PruneSettings) -> None:
+    problems = []
+    if not settings.data_roots:
+        problems.append("data_roots is empty")
+    problems += [f"data root not found: {r}" for r in settings.data_roots if not Path(r).exists()]
+    for key in ("medsam_ckpt", "sam_ckpt"):
+        path = getattr(settings, key)
+        if path and not Path(path).is_file():
+            problems.append(f"{key} not found: {path}")
+    if settings.score in ("dual", "reset") and not settings.sam_ckpt:
+        problems.append(f"score {settings.score!r} needs sam_ckpt (the general SAM the medical model came from)")
+    if settings.dataset_names is not None and len(settings.dataset_names) != len(settings.data_roots):
+        problems.append(f"{len(settings.dataset_names)} dataset_names for {len(settings.data_roots)} data_roots")
+    out = Path(settings.output_dir).resolve()
+    for key in ("medsam_ckpt", "sam_ckpt"):
+        path = getattr(settings, key)
+        if path and Path(path).resolve().parent == out and Path(path).name == "model_pruned.pt":
+            problems.append(f"output_dir would overwrite the input checkpoint {path}")
+    if problems:
+        raise ValueError("cannot start pruning:\n  " + "\n  ".join(problems))
+
+
+def _specs(settings: PruneSettings) -> list[DatasetSpec]:
+    names = settings.dataset_names or [Path(r).stem for r in settings.data_roots]
+    return [
+        DatasetSpec(root=str(r), name=n, label_value=settings.label_value) for r, n in zip(settings.data_roots, names)
+    ]
+
+
+def _load_models(settings: PruneSettings) -> tuple[MedSAM, MedSAM | None]:
+    medsam = load_sam(settings.medsam_ckpt) if settings.medsam_ckpt else None
+    if medsam is None:
+        raise ValueError("medsam_ckpt is required")
+    reference = None
+    if settings.sam_ckpt and settings.score in ("dual", "reset"):
+        reference = MedSAM(load_sam(settings.sam_ckpt), pixel_normalize=settings.sam_pixel_normalize)
+    return MedSAM(medsam), reference
+
+
+def _evaluate(model: MedSAM, data: SplitData, settings: PruneSettings, device) -> dict[str, dict[str, float]]:
+    results = {}
+    for dataset in data.items:
+        items = data.split(dataset, settings.eval_split)[: settings.max_eval_images]
+        samples = preprocess_split(items, model.img_size, settings.eval_bbox_shift, settings.seed, settings.label_value)
+        rows = evaluate_model(model, DataLoader(samples, batch_size=1), device, progress=settings.progress)
+        results[dataset] = summarise(rows) | {"volumetric": is_volumetric(items)}
+    keys = [k for k in next(iter(results.values())) if k not in ("n", "volumetric")]
+    results["macro"] = {k: float(np.mean([results[d][k] for d in data.items])) for k in keys}
+    return results
+
+
+def _calibration(model: MedSAM, data: SplitData, settings: PruneSettings) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for dataset in data.items:
+        items = data.split(dataset, "calibration")
+        samples = preprocess_split(items, model.img_size, 0, settings.seed, settings.label_value)
+        out[dataset] = [dict(samples[i]) | {"name": f"{dataset}/{samples[i]['name']}"} for i in range(len(samples))]
+    return out
+
+
+def _save_scores(path: Path, result: CascadeResult) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".scores.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    np.savez(tmp, **result.scores)
+    os.replace(tmp, path)
+
+
+def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
+    """Prune a MedSAM checkpoint on the given datasets and write the outputs (see module docstring).
+
+    Returns:
+        The report (also in ``report.json``).
+    """
+    settings = PruneSettings.from_mapping(settings_kwargs)
+    _check_inputs(settings)
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
+    output_dir = Path(settings.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model, reference = _load_models(settings)
+    model.to(device)
+    data = prepare_splits(
+        _specs(settings),
+        seed=settings.seed,
+        val_fraction=settings.val_fraction,
+        test_fraction=settings.test_fraction,
+        cal_size=settings.cal_size,
+        manifest_path=settings.split_manifest,
+    )
+    data.manifest.save(output_dir / "splits.json")
+    timing: dict[str, float] = {"load": time.perf_counter() - start}
+
+    t0 = time.perf_counter()
+    cost_before = model_cost(model)
+    metrics_before = _evaluate(model, data, settings, device)
+    timing["evaluate_before"] = time.perf_counter() - t0
+
+    calibration = _calibration(model, data, settings)
+    result = run_cascade(
+        model, calibration, settings.cascade_config(), reference, device, output_dir, settings.progress
+    )
+    timing.update({f"cascade_{k}": v for k, v in result.timing.items()})
+
+    t0 = time.perf_counter()
+    cost_after = model_cost(model)
+    metrics_after = _evaluate(model, data, settings, device)
+    timing["evaluate_after"] = time.perf_counter() - t0
+
+    report = {
+        "config": asdict(settings),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)},
+        "inputs": {
+            key: {"path": getattr(settings, key), "sha256": file_sha256(getattr(settings, key))}
+            for key in ("medsam_ckpt", "sam_ckpt")
+            if getattr(settings, key)
+        },
+        "split_manifest": "splits.json",
+        "datasets": {
+            d: {s: len(data.split(d, s)) for s in ("train", "val", "test", "calibration")} for d in data.items
+        },
+        "budgets": [r.to_dict() for r in result.budgets],
+        "kept_heads": result.kept_heads,
+        "kept_channels": result.kept_channels,
+        "cost": {"before": cost_before, "after": cost_after},
+        "reduction": {
+            key: 1.0 - cost_after[key] / cost_before[key] for key in ("encoder_params", "total_params", "encoder_flops")
+        },
+        "metrics": {d: {"before": metrics_before[d], "after": metrics_after[d]} for d in [*data.items, "macro"]},
+        "fisher_samples": result.fisher_counts,
+        "recovery": {stage: {"steps": log["steps"], "losses": log["losses"]} for stage, log in result.recovery.items()},
+        "timing": timing,
+    }
+    checkpoint = save_sam(model, output_dir / "model_pruned.pt", metadata={"prune_report": "report.json"})
+    report["outputs"] = {"checkpoint": checkpoint.name, "scores": "scores.npz", "report_md": "report.md"}
+    _save_scores(output_dir / "scores.npz", result)
+    timing["total"] = time.perf_counter() - start
+    dense_config = model.medcore_config
+    _write_markdown(report, result, output_dir, (dense_config.num_heads, dense_config.mlp_dim))
+    write_json_atomic(output_dir / "report.json", report)
+    logger.info("pruning finished in %.1f s; outputs in %s", timing["total"], output_dir)
+    return report
+
+
+def _write_markdown(report: dict[str, Any], result: CascadeResult, output_dir: Path, dense: tuple[int, int]) -> None:
+    from ..reports import plot_kept_per_block, plot_score_scatter, write_report_markdown
+
+    images = {
+        "Kept heads and MLP channels per block": plot_kept_per_block(
+            [len(k) for k in result.kept_heads],
+            dense[0],
+            [len(k) for k in result.kept_channels],
+            dense[1],
+            output_dir / "kept_per_block.png",
+        )
+    }
+    if "reset_heads_per_dataset" in result.scores:
+        zero = result.scores["zero_heads_per_dataset"].mean(0)
+        reset = result.scores["reset_heads_per_dataset"].mean(0)
+        images["Zero vs reset head scores"] = plot_score_scatter(zero, reset, output_dir / "score_scatter.png")
+    write_report_markdown(report, output_dir / "report.md", images)
