@@ -1,4 +1,4 @@
-"""Boundary-leverage analysis of a model: are head-pruning steps harder on boundaries than MLP steps?
+"""Boundary-leverage analysis: do head-pruning steps move boundaries more than MLP steps.
 
 Scores are computed once; a grid of (head sparsity, MLP sparsity) budgets is applied to the model as
 masks, without recovery; the low-resolution logits of the calibration images are recorded for every
