@@ -76,7 +76,7 @@ class PruneSettings:
     max_eval_images: int | None = None
     label_value: int | None = None
     split_manifest: str | None = None
-    sam_pixel_normalize: bool = False
+    sam_pixel_normalize: bool = True
     cache: str = "memory"
     amp: bool = False
     progress: bool = True

@@ -9,17 +9,26 @@ fp32 on the model's device; samples with a non-finite loss or gradient are skipp
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine, EventEnum, Events
 from torch import nn
 
+from ..engines.common import plain_tensor
 from ..losses import boundary_weighted_bce_dice
 from ..networks.structure import encoder_structure, group_sums
 
-__all__ = ["FisherResult", "FisherAccumulator", "create_fisher_engine", "compute_fisher", "cross_fisher"]
+__all__ = [
+    "FisherAccumulator",
+    "FisherEvents",
+    "FisherResult",
+    "compute_fisher",
+    "create_fisher_engine",
+    "cross_fisher",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +55,11 @@ class FisherResult:
 
 
 class FisherAccumulator:
-    """Adds up squared per-sample gradients of the encoder parameters, on their device.
+    """Ignite handler adding up squared per-sample gradients of the encoder parameters, on their device.
+
+    ``attach`` it to an engine from :func:`create_fisher_engine`; the engine state then carries the
+    running ``fisher_used`` / ``fisher_skipped`` counts (samples with a non-finite loss or gradient are
+    skipped).
 
     With ``group_taylor=True`` it also accumulates the first-order Taylor importance of each head and
     MLP channel, ``(sum_{i in g} g_i theta_i)^2`` per sample (the grouped Taylor criterion of
@@ -55,11 +68,27 @@ class FisherAccumulator:
 
     def __init__(self, encoder: nn.Module, group_taylor: bool = False) -> None:
         self.encoder = encoder
-        self.params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
-        if not self.params:
-            raise ValueError("no encoder parameter requires grad; nothing to calibrate")
+        # the engine unfreezes the whole encoder at start, so every encoder parameter is tracked
+        self.params = dict(encoder.named_parameters())
         self.group_taylor = group_taylor
         self.reset()
+
+    def attach(self, engine: Engine) -> FisherAccumulator:
+        """Reset when the engine starts, fold in every sample's gradients, log the counts at the end."""
+        engine.add_event_handler(Events.STARTED, lambda _: self.reset())
+        engine.add_event_handler(FisherEvents.SAMPLE_BACKWARD_COMPLETED, self._on_sample)
+        engine.add_event_handler(Events.COMPLETED, self._log_counts)
+        return self
+
+    def _on_sample(self, engine: Engine) -> None:
+        if math.isfinite(engine.state.sample_loss):
+            self.add_current_gradients()
+        else:
+            self.skipped += 1
+        engine.state.fisher_used, engine.state.fisher_skipped = self.used, self.skipped
+
+    def _log_counts(self, _: Engine) -> None:
+        logger.info("Fisher calibration: %d samples used, %d skipped", self.used, self.skipped)
 
     def reset(self) -> None:
         """Zero the sums and counts."""
@@ -125,53 +154,57 @@ def _freeze_all_but_encoder(model: nn.Module) -> None:
         param.requires_grad_(name.startswith("image_encoder."))
 
 
+class FisherEvents(EventEnum):
+    """Per-sample events fired inside a calibration iteration."""
+
+    SAMPLE_BACKWARD_COMPLETED = "sample_backward_completed"
+
+
 def create_fisher_engine(
     model: nn.Module,
-    accumulator: FisherAccumulator,
     device: torch.device | str | None = None,
     boundary_weight: float = 3.0,
     reduction: str = "mean",
 ) -> Engine:
-    """An Ignite engine whose iterations add per-sample squared gradients to ``accumulator``.
+    """An Ignite engine that runs one backward pass per calibration sample.
 
     Batches are dicts with ``image`` ``[B, 3, S, S]``, ``label_lowres`` ``[B, 1, s, s]`` and ``box``
-    ``[B, 4]``; each sample of a batch gets its own backward pass, which is what makes the squares
-    per-sample. ``engine.state.output`` holds the batch's mean loss; ``engine.state.fisher_used`` and
-    ``engine.state.fisher_skipped`` the running counts.
+    ``[B, 4]``. Each sample of a batch gets its own forward/backward (that is what makes Fisher
+    squares per-sample) followed by :attr:`FisherEvents.SAMPLE_BACKWARD_COMPLETED`, with the sample's
+    loss in ``engine.state.sample_loss`` and its gradients on the parameters; a
+    :class:`FisherAccumulator` attached to the engine adds them up. ``engine.state.output`` is the
+    batch's mean loss.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     def process(engine: Engine, batch: Mapping[str, torch.Tensor]) -> float:
-        images = batch["image"].to(device, non_blocking=True)
-        targets = batch["label_lowres"].to(device, non_blocking=True)
-        boxes = torch.as_tensor(batch["box"]).to(device)
+        images = plain_tensor(batch["image"], device, non_blocking=True).float()
+        targets = plain_tensor(batch["label_lowres"], device, non_blocking=True).float()
+        boxes = plain_tensor(batch["box"], device).float()
         losses = []
         for i in range(images.shape[0]):
             model.zero_grad(set_to_none=True)
             logits = model(images[i : i + 1], boxes[i : i + 1])
             loss = boundary_weighted_bce_dice(logits, targets[i : i + 1], boundary_weight, reduction=reduction)
-            if not torch.isfinite(loss):
-                accumulator.skipped += 1
-                continue
-            loss.backward()
-            if accumulator.add_current_gradients():
-                losses.append(float(loss.detach()))
-        engine.state.fisher_used = accumulator.used
-        engine.state.fisher_skipped = accumulator.skipped
-        return sum(losses) / len(losses) if losses else float("nan")
+            if torch.isfinite(loss):
+                loss.backward()
+            engine.state.sample_loss = float(loss.detach())
+            engine.fire_event(FisherEvents.SAMPLE_BACKWARD_COMPLETED)
+            losses.append(engine.state.sample_loss)
+        finite = [v for v in losses if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else float("nan")
 
     engine = Engine(process)
+    engine.register_events(*FisherEvents)
 
     @engine.on(Events.STARTED)
     def _prepare(_: Engine) -> None:
         model.eval()
         _freeze_all_but_encoder(model)
-        accumulator.reset()
 
     @engine.on(Events.COMPLETED)
-    def _log_counts(eng: Engine) -> None:
+    def _release_gradients(_: Engine) -> None:
         model.zero_grad(set_to_none=True)
-        logger.info("Fisher calibration: %d samples used, %d skipped", accumulator.used, accumulator.skipped)
 
     return engine
 
@@ -198,12 +231,12 @@ def compute_fisher(
         progress: show an Ignite progress bar.
         description: progress bar label.
     """
-    accumulator = FisherAccumulator(model.image_encoder, group_taylor=group_taylor)
-    engine = create_fisher_engine(model, accumulator, device, boundary_weight, reduction)
+    engine = create_fisher_engine(model, device, boundary_weight, reduction)
+    accumulator = FisherAccumulator(model.image_encoder, group_taylor=group_taylor).attach(engine)
     if progress:
         from ignite.handlers import ProgressBar
 
-        ProgressBar(desc=description, persist=False).attach(engine)
+        ProgressBar(desc=description, persist=False).attach(engine, output_transform=lambda loss: {"loss": loss})
     engine.run(data, max_epochs=1)
     return accumulator.result()
 
