@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from .data import folder_pairs
 from .engines.evaluation import evaluate_model, summarise
+from .files import write_json_atomic
 from .networks import (
     MedSAM,
     StructuredMasks,
@@ -134,16 +133,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "compact_checkpoint": str(checkpoint),
         "seconds": time.perf_counter() - start,
     }
-    _write_json_atomic(output_dir / "report.json", report)
+    write_json_atomic(output_dir / "report.json", report)
     return report
-
-
-def _write_json_atomic(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(content, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

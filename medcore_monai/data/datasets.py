@@ -13,7 +13,15 @@ from .errors import DataError
 from .sources import NIFTI_SUFFIXES, datalist_items, folder_pairs, nifti_slices
 from .splits import SplitManifest, apply_split, make_splits
 
-__all__ = ["DatasetSpec", "load_items", "is_volumetric", "SplitData", "prepare_splits", "preprocess_split"]
+__all__ = [
+    "DatasetSpec",
+    "SplitData",
+    "dataset_specs",
+    "is_volumetric",
+    "load_items",
+    "prepare_splits",
+    "preprocess_split",
+]
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,16 @@ class DatasetSpec:
     datalist_key: str = "training"
     slice_axis: int = 2
     intensity: str = "mr"
+
+
+def dataset_specs(
+    data_roots: Sequence[str | Path], dataset_names: Sequence[str] | None = None, label_value: int | None = None
+) -> list[DatasetSpec]:
+    """One spec per data root; names default to the root's folder (or file) name without suffixes."""
+    names = list(dataset_names) if dataset_names else [Path(r).name.split(".")[0] for r in data_roots]
+    if len(names) != len(data_roots):
+        raise ValueError(f"{len(names)} dataset_names for {len(data_roots)} data_roots")
+    return [DatasetSpec(root=str(r), name=n, label_value=label_value) for r, n in zip(data_roots, names)]
 
 
 def _is_nifti(path: Any) -> bool:

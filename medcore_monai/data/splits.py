@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,6 +13,8 @@ from typing import Any
 import torch
 
 from medcore_monai.data.errors import DataError
+
+from ..files import write_text_atomic
 
 __all__ = ["SPLIT_NAMES", "SplitManifest", "apply_split", "make_splits"]
 
@@ -67,20 +67,7 @@ class SplitManifest:
         Returns:
             The path written.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(asdict(self), indent=2, sort_keys=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as stream:
-                stream.write(text)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, json.dumps(asdict(self), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> SplitManifest:

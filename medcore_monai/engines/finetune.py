@@ -16,11 +16,9 @@ Files in ``output_dir``:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from monai.handlers import ValidationHandler, from_engine
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from ..files import write_json_atomic
 from ..losses import soft_dice_loss
 from ..networks import MedSAM, load_state_dict_strict, read_checkpoint, save_sam
 from ..networks.checkpoint import atomic_torch_save
@@ -143,18 +142,6 @@ class _AtomicSaver(BaseSaveHandler):
 
     def remove(self, filename: str) -> None:
         """Nothing to do: the next save replaces the file atomically."""
-
-
-def _write_json_atomic(path: Path, content: Mapping[str, Any]) -> None:
-    text = json.dumps(content, indent=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- engine construction
@@ -424,7 +411,7 @@ class _FinetuneRun:
         )
 
     def _write_history(self) -> None:
-        _write_json_atomic(
+        write_json_atomic(
             self.output_dir / HISTORY_FILE,
             {
                 "epochs": self.record.history,

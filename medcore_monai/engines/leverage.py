@@ -120,8 +120,8 @@ def run_leverage_analysis(
 
 
 def _write_outputs(folder: Path, result: dict[str, Any], head_ratios, mlp_ratios, tau: float) -> None:
+    from ..files import write_json_atomic
     from ..reports import plot_leverage_histogram
-    from .prune import write_json_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "leverage.json", result)

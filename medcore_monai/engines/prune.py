@@ -8,11 +8,8 @@ and the recovery checkpoints.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +20,8 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 
-from ..data.datasets import DatasetSpec, SplitData, is_volumetric, prepare_splits, preprocess_split
+from ..data.datasets import SplitData, dataset_specs, is_volumetric, prepare_splits, preprocess_split
+from ..files import atomic_path, write_json_atomic
 from ..losses.recovery import RecoveryLossWeights
 from ..networks import MedSAM, count_parameters, file_sha256, load_sam, save_sam
 from ..networks.structure import encoder_flops, measure_flops
@@ -31,7 +29,7 @@ from ..pruning.cascade import CascadeConfig, CascadeResult, run_cascade
 from .evaluation import evaluate_model, summarise
 from .recovery import RecoveryConfig
 
-__all__ = ["PruneSettings", "run_prune", "model_cost", "write_json_atomic"]
+__all__ = ["PruneSettings", "calibration_samples", "model_cost", "run_prune", "write_json_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,27 +124,6 @@ class PruneSettings:
         )
 
 
-def write_json_atomic(path: str | Path, content: Any) -> Path:
-    """Write JSON through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(content, fh, indent=2, default=_json_default)
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def model_cost(model: MedSAM) -> dict[str, int]:
     """Parameters and measured FLOPs (batch 1, one box) of the encoder and of the whole model."""
     size = model.img_size
@@ -181,13 +158,6 @@ def _check_inputs(settings: PruneSettings) -> None:
         raise ValueError("cannot start pruning:\n  " + "\n  ".join(problems))
 
 
-def _specs(settings: PruneSettings) -> list[DatasetSpec]:
-    names = settings.dataset_names or [Path(r).stem for r in settings.data_roots]
-    return [
-        DatasetSpec(root=str(r), name=n, label_value=settings.label_value) for r, n in zip(settings.data_roots, names)
-    ]
-
-
 def _load_models(settings: PruneSettings) -> tuple[MedSAM, MedSAM | None]:
     medsam = load_sam(settings.medsam_ckpt) if settings.medsam_ckpt else None
     if medsam is None:
@@ -210,7 +180,8 @@ def _evaluate(model: MedSAM, data: SplitData, settings: PruneSettings, device) -
     return results
 
 
-def _calibration(model: MedSAM, data: SplitData, settings: PruneSettings) -> dict[str, list[dict[str, Any]]]:
+def calibration_samples(model: MedSAM, data: SplitData, settings: PruneSettings) -> dict[str, list[dict[str, Any]]]:
+    """Preprocessed calibration samples (tight boxes) per dataset, named ``<dataset>/<sample>``."""
     out = {}
     for dataset in data.items:
         items = data.split(dataset, "calibration")
@@ -220,10 +191,8 @@ def _calibration(model: MedSAM, data: SplitData, settings: PruneSettings) -> dic
 
 
 def _save_scores(path: Path, result: CascadeResult) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".scores.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    np.savez(tmp, **result.scores)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **result.scores)
 
 
 def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
@@ -243,7 +212,7 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
     model, reference = _load_models(settings)
     model.to(device)
     data = prepare_splits(
-        _specs(settings),
+        dataset_specs(settings.data_roots, settings.dataset_names, settings.label_value),
         seed=settings.seed,
         val_fraction=settings.val_fraction,
         test_fraction=settings.test_fraction,
@@ -258,7 +227,7 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
     metrics_before = _evaluate(model, data, settings, device)
     timing["evaluate_before"] = time.perf_counter() - t0
 
-    calibration = _calibration(model, data, settings)
+    calibration = calibration_samples(model, data, settings)
     result = run_cascade(
         model, calibration, settings.cascade_config(), reference, device, output_dir, settings.progress
     )

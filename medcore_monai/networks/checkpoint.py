@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..files import atomic_torch_save
 
 __all__ = [
     "CheckpointError",
@@ -110,18 +111,3 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         where = f" from {source}" if source else ""
         raise CheckpointError(f"state dict{where} does not match the model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state_dict, strict=True)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then rename, so no half-written file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

@@ -28,7 +28,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import atomic_path
 from .build import compact_manifest, current_config, file_sha256
 from .structure import count_parameters, encoder_flops
 
@@ -196,24 +196,6 @@ def _check_destination(path: Path, is_same_kind: Callable[[Path], bool], kind: s
         raise ExportError(f"refusing to overwrite {path}: it exists and is not a {kind} (an input checkpoint?)")
 
 
-def _temporary_sibling(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-@contextlib.contextmanager
-def _atomic_destination(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds."""
-    tmp = _temporary_sibling(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- TorchScript
 
 
@@ -250,7 +232,7 @@ def export_torchscript(
     with _cpu_float32(encoder) as module:
         example = _as_tuple(example_inputs if example_inputs is not None else _default_example_input(module))
         traced = _trace(module, example)
-        with _atomic_destination(path) as tmp:
+        with atomic_path(path) as tmp:
             torch.jit.save(traced, str(tmp))
             reloaded = torch.jit.load(str(tmp), map_location="cpu")
             _verify(module, reloaded, [example, _second_input(example)], "TorchScript")
@@ -335,7 +317,7 @@ def export_onnx(
     with _cpu_float32(_resolve_image_encoder(encoder)) as module:
         _check_onnx_size(module)
         example = _as_tuple(example_inputs if example_inputs is not None else _default_example_input(module))
-        with _atomic_destination(path) as tmp:
+        with atomic_path(path) as tmp:
             _onnx_export(module, example, tmp, opset)
             try:
                 onnx.checker.check_model(str(tmp))
@@ -414,6 +396,6 @@ def write_export_manifest(
         "extra": extra or {},
     }
     text = json.dumps(content, indent=2)  # serialise first: a TypeError must not leave a partial file
-    with _atomic_destination(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text)
     return path

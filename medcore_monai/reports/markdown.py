@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..files import write_text_atomic
 
 __all__ = ["render_report_markdown", "write_report_markdown"]
 
@@ -256,13 +257,4 @@ def write_report_markdown(
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = render_report_markdown(report, target.parent, images)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_atomic(target, render_report_markdown(report, target.parent, images))

@@ -8,7 +8,6 @@ no backend switch and nothing left open), writes it atomically (temporary file i
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
+
+from ..files import atomic_path
 
 __all__ = [
     "plot_budget_curves",
@@ -53,17 +54,9 @@ def save_figure_atomic(figure: Figure, path: PathLike) -> Path:
     Returns:
         The destination path.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=_DPI)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=_DPI)
+    return Path(path)
 
 
 def _as_1d(values: Any) -> np.ndarray:
