@@ -1,0 +1,342 @@
+"""Entry points of the bundle workflows: prune, evaluate, export, infer, finetune, leverage.
+
+Each function takes plain keyword settings (the bundle's config keys), checks its inputs before doing any
+work, writes its outputs atomically into ``output_dir`` and returns a JSON-safe summary. The bundle configs
+only call these.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import DataLoader
+from PIL import Image
+
+from .data.datasets import SplitData, dataset_specs, load_items, prepare_splits, preprocess_split
+from .data.splits import SplitManifest
+from .engines.common import plain_tensor
+from .engines.evaluation import evaluate_model, summarise
+from .engines.prune import PruneSettings, model_cost, run_prune
+from .files import atomic_path, write_json_atomic, write_text_atomic
+from .networks import MedSAM, load_sam, save_sam
+from .networks.build import file_sha256
+
+__all__ = ["prune", "evaluate", "export", "infer", "finetune", "leverage", "measure_latency"]
+
+logger = logging.getLogger(__name__)
+
+
+def prune(**settings: Any) -> dict[str, Any]:
+    """Prune a MedSAM checkpoint (see :class:`medcore_monai.engines.prune.PruneSettings` for the keys)."""
+    return run_prune(**settings)
+
+
+def _problems_for_inputs(checkpoint: str | None, data_roots: Sequence[str] | None) -> list[str]:
+    problems = []
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        problems.append(f"checkpoint not found: {checkpoint}")
+    if data_roots is not None:
+        if not data_roots:
+            problems.append("data_roots is empty")
+        problems += [f"data root not found: {r}" for r in data_roots if not Path(r).exists()]
+    return problems
+
+
+def _fail_early(problems: list[str], action: str) -> None:
+    if problems:
+        raise ValueError(f"cannot start {action}:\n  " + "\n  ".join(problems))
+
+
+@torch.no_grad()
+def measure_latency(model: MedSAM, device: torch.device, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per image (batch 1) of the encoder and of the whole box-prompted forward."""
+    size = model.img_size
+    image = torch.rand(1, 3, size, size, device=device)
+    box = torch.tensor([[size * 0.25, size * 0.25, size * 0.75, size * 0.75]], device=device)
+
+    def timed(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples))
+
+    model.eval()
+    return {"encoder_s": timed(lambda: model.encode(image)), "total_s": timed(lambda: model(image, box))}
+
+
+def _evaluation_items(specs, split_manifest: str | None, split: str) -> dict[str, list[dict[str, Any]]]:
+    if split_manifest is None:
+        return {spec.name: load_items(spec) for spec in specs}
+    data = SplitData({spec.name: load_items(spec) for spec in specs}, SplitManifest.load(split_manifest))
+    return {name: data.split(name, split) for name in data.items}
+
+
+def evaluate(
+    checkpoint: str,
+    data_roots: Sequence[str],
+    output_dir: str = "outputs/evaluate",
+    dataset_names: Sequence[str] | None = None,
+    split_manifest: str | None = None,
+    split: str = "test",
+    device: str | None = None,
+    seed: int = 42,
+    bbox_shift: int = 5,
+    max_images: int | None = None,
+    label_value: int | None = None,
+    latency_repeats: int = 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Dice, IoU, BF1, HD95 (surface, region) per dataset and macro, plus params, FLOPs and latency.
+
+    Without ``split_manifest`` every image/mask pair under the data roots is evaluated; with it, only
+    the named ``split``. Writes ``evaluation.json`` and per-image ``metrics_<dataset>.csv``.
+    """
+    problems = _problems_for_inputs(checkpoint, data_roots)
+    if split_manifest is not None and not Path(split_manifest).is_file():
+        problems.append(f"split_manifest not found: {split_manifest}")
+    _fail_early(problems, "evaluation")
+    device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = MedSAM(load_sam(checkpoint)).to(device_t)
+    items = _evaluation_items(dataset_specs(data_roots, dataset_names, label_value), split_manifest, split)
+    output = Path(output_dir)
+    results: dict[str, Any] = {}
+    for name, dataset_items in items.items():
+        samples = preprocess_split(dataset_items[:max_images], model.img_size, bbox_shift, seed, label_value)
+        rows = evaluate_model(model, DataLoader(samples, batch_size=1), device_t, progress=progress)
+        _write_csv(output / f"metrics_{name}.csv", rows)
+        results[name] = summarise(rows)
+    metric_keys = [k for k in next(iter(results.values())) if k != "n"]
+    results["macro"] = {k: float(np.mean([results[d][k] for d in items])) for k in metric_keys}
+    report = {
+        "checkpoint": {"path": checkpoint, "sha256": file_sha256(checkpoint)},
+        "split": split if split_manifest else "all",
+        "metrics": results,
+        "cost": model_cost(model),
+        "latency": measure_latency(model, device_t, repeats=latency_repeats) | {"device": str(device_t)},
+    }
+    write_json_atomic(output / "evaluation.json", report)
+    return report
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    keys = list(rows[0])
+    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def export(
+    checkpoint: str,
+    output_dir: str = "outputs/export",
+    formats: Sequence[str] = ("torchscript", "onnx"),
+) -> dict[str, Any]:
+    """Export the (compact) image encoder to TorchScript and/or ONNX with a manifest; copy the checkpoint.
+
+    Writes ``model.pt`` (the compact checkpoint, reloadable with :func:`medcore_monai.networks.load_sam`),
+    ``image_encoder.ts`` / ``image_encoder.onnx`` (each verified against eager) and ``export_manifest.json``.
+    """
+    _fail_early(_problems_for_inputs(checkpoint, None), "export")
+    unknown = sorted(set(formats) - {"torchscript", "onnx"})
+    _fail_early([f"unknown export formats {unknown}; use torchscript and/or onnx"] if unknown else [], "export")
+    from .networks.export import export_onnx, export_torchscript, write_export_manifest
+
+    output = Path(output_dir)
+    if output.resolve() == Path(checkpoint).resolve().parent and Path(checkpoint).name == "model.pt":
+        raise ValueError(f"output_dir {output} would overwrite the input checkpoint {checkpoint}")
+    sam = load_sam(checkpoint)
+    files = [save_sam(sam, output / "model.pt", metadata={"exported_from": str(checkpoint)})]
+    if "torchscript" in formats:
+        files.append(export_torchscript(sam, output / "image_encoder.ts"))
+    if "onnx" in formats:
+        files.append(export_onnx(sam.image_encoder, output / "image_encoder.onnx"))
+    manifest = write_export_manifest(
+        sam, output / "export_manifest.json", extra={"source": str(checkpoint)}, files=files
+    )
+    return {"files": [str(f) for f in files], "manifest": str(manifest)}
+
+
+def infer(
+    checkpoint: str,
+    data_roots: Sequence[str],
+    output_dir: str = "outputs/infer",
+    dataset_names: Sequence[str] | None = None,
+    device: str | None = None,
+    label_value: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Box-prompted predictions for every image of the data roots, at the input's geometry.
+
+    Boxes come from the masks next to the images (tight boxes), as MedSAM is prompted with a box per object.
+    2D inputs give ``<dataset>/<stem>.png`` (0/255, original size); NIfTI inputs give
+    ``<dataset>/<volume>.nii.gz`` with the input volume's affine (slices without foreground stay empty).
+    """
+    _fail_early(_problems_for_inputs(checkpoint, data_roots), "inference")
+    device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = MedSAM(load_sam(checkpoint)).to(device_t).eval()
+    output = Path(output_dir)
+    written: list[str] = []
+    for spec in dataset_specs(data_roots, dataset_names, label_value):
+        items = load_items(spec)
+        samples = preprocess_split(items, model.img_size, 0, 0, label_value, progress=progress)
+        predictions = [_predict_native(model, samples[i], device_t) for i in range(len(samples))]
+        if "volume" in items[0]:
+            written += _write_volumes(output / spec.name, items, predictions)
+        else:
+            for item, pred in zip(items, predictions):
+                written.append(str(_write_png(output / spec.name / f"{item['name']}.png", pred)))
+    return {"count": len(written), "files": written}
+
+
+@torch.no_grad()
+def _predict_native(model: MedSAM, sample: dict[str, Any], device: torch.device) -> np.ndarray:
+    image = plain_tensor(sample["image"], device).float()[None]
+    box = plain_tensor(sample["box"], device).float()[None]
+    height, width = (int(v) for v in plain_tensor(sample["original_shape"]).tolist())
+    logits = F.interpolate(model(image, box), size=(height, width), mode="bilinear", align_corners=False)
+    return (logits[0, 0] > 0).cpu().numpy()
+
+
+def _write_png(path: Path, mask: np.ndarray) -> Path:
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+    return path
+
+
+def _write_volumes(folder: Path, items: Sequence[dict[str, Any]], predictions: Sequence[np.ndarray]) -> list[str]:
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    by_volume: dict[str, list[tuple[dict[str, Any], np.ndarray]]] = {}
+    for item, pred in zip(items, predictions):
+        by_volume.setdefault(item["volume"], []).append((item, pred))
+    written = []
+    for volume, entries in by_volume.items():
+        reference = nib.load(entries[0][0]["image_path"])
+        labels = np.zeros(reference.shape[:3], dtype=np.uint8)
+        for item, pred in entries:
+            labels[:, :, item["slice_index"]] = pred.astype(np.uint8)
+        path = folder / f"{volume}.nii.gz"
+        with atomic_path(path) as tmp:
+            nib.save(nib.Nifti1Image(labels, reference.affine, reference.header), tmp)
+        written.append(str(path))
+    return written
+
+
+def finetune(
+    checkpoint: str,
+    data_roots: Sequence[str],
+    output_dir: str = "outputs/finetune",
+    dataset_names: Sequence[str] | None = None,
+    split_manifest: str | None = None,
+    device: str | None = None,
+    seed: int = 42,
+    epochs: int = 20,
+    batch_size: int = 4,
+    lr: float = 1e-4,
+    weight_decay: float = 0.01,
+    patience: int = 5,
+    amp: bool = False,
+    bbox_shift: int = 5,
+    label_value: int | None = None,
+    max_train_images: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a (pruned, compact) model on the training split with validation-loss early stopping.
+
+    Uses the split manifest of the pruning run when given (so its test split stays unseen), otherwise
+    makes the standard seeded split. Writes ``checkpoint_best.pth``, ``checkpoint_latest.pth``,
+    ``history.json`` and ``splits.json``.
+    """
+    problems = _problems_for_inputs(checkpoint, data_roots)
+    if split_manifest is not None and not Path(split_manifest).is_file():
+        problems.append(f"split_manifest not found: {split_manifest}")
+    _fail_early(problems, "fine-tuning")
+    from .data.cache import build_dataset
+    from .engines.finetune import finetune as run_finetune
+    from .transforms import medsam_preprocess
+
+    device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = MedSAM(load_sam(checkpoint))
+    data = prepare_splits(
+        dataset_specs(data_roots, dataset_names, label_value), seed=seed, manifest_path=split_manifest
+    )
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    data.manifest.save(output / "splits.json")
+    train_items = [i for name in data.items for i in data.split(name, "train")][:max_train_images]
+    val_items = [i for name in data.items for i in data.split(name, "val")][:max_train_images]
+    train_transform = medsam_preprocess(model.img_size, bbox_shift, seed, deterministic=False, label_value=label_value)
+    train_ds = build_dataset(train_items, train_transform, progress=progress)
+    val_ds = preprocess_split(val_items, model.img_size, bbox_shift, seed, label_value)
+    result = run_finetune(
+        model,
+        DataLoader(train_ds, batch_size=batch_size, shuffle=True),
+        DataLoader(val_ds, batch_size=batch_size),
+        output,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        patience=patience,
+        amp=amp,
+        device=device_t,
+        progress=progress,
+        seed=seed,
+    )
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
+
+
+def leverage(
+    medsam_ckpt: str,
+    data_roots: Sequence[str],
+    output_dir: str = "outputs/leverage",
+    sam_ckpt: str | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Boundary-leverage analysis (BLR95) of a checkpoint on the calibration images of the data roots.
+
+    Accepts the prune settings (``score``, ``cal_size``, ``protected_blocks``, ...) plus ``head_levels``,
+    ``mlp_levels``, ``tau`` and ``n_bootstrap``. Writes ``leverage.json`` and ``leverage_histogram.png``.
+    """
+    from .engines.leverage import run_leverage_analysis
+    from .engines.prune import calibration_samples  # the same calibration selection as pruning
+
+    grid = {k: settings.pop(k) for k in ("head_levels", "mlp_levels", "tau", "n_bootstrap") if k in settings}
+    config = PruneSettings.from_mapping(
+        {"medsam_ckpt": medsam_ckpt, "sam_ckpt": sam_ckpt, "data_roots": list(data_roots), "output_dir": output_dir}
+        | settings
+    )
+    problems = _problems_for_inputs(medsam_ckpt, data_roots)
+    if config.score in ("dual", "reset") and not sam_ckpt:
+        problems.append(f"score {config.score!r} needs sam_ckpt")
+    _fail_early(problems, "leverage analysis")
+    device_t = torch.device(config.device)
+    model = MedSAM(load_sam(medsam_ckpt)).to(device_t)
+    reference = MedSAM(load_sam(sam_ckpt), pixel_normalize=config.sam_pixel_normalize) if sam_ckpt else None
+    data = prepare_splits(
+        dataset_specs(data_roots, config.dataset_names, config.label_value), seed=config.seed, cal_size=config.cal_size
+    )
+    calibration = calibration_samples(model, data, config)
+    return run_leverage_analysis(
+        model,
+        calibration,
+        config.cascade_config(),
+        reference,
+        device=device_t,
+        output_dir=output_dir,
+        progress=config.progress,
+        **grid,
+    )
