@@ -1,0 +1,158 @@
+"""The MONAI bundle: metadata, and every workflow run the way users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, verify_metadata
+from PIL import Image
+
+from medcore_monai.demo import synthetic_items
+from medcore_monai.networks import build_sam, load_sam
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.save(build_sam("tiny", seed=0).state_dict(), folder / "medsam_tiny.pth")
+    torch.save(build_sam("tiny", seed=1).state_dict(), folder / "sam_tiny.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def png_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pngs")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for size in (80, 96):  # two native sizes: predictions must come back at each image's own size
+        for item in synthetic_items(4, size, seed=size):
+            name = f"{item['name']}_{size}"
+            image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+            Image.fromarray(image).save(root / "images" / f"{name}.png")
+            Image.fromarray(item["label"] * 255).save(root / "masks" / f"{name}.png")
+    return root
+
+
+def _run(workflow: str, overrides: dict, preset: str | None = None):
+    files = [str(CONFIGS / f"{workflow}.yaml")] + ([str(REPO / "configs" / preset)] if preset else [])
+    flow = ConfigWorkflow(config_file=files, run_id=workflow, workflow_type=None, **overrides)
+    flow.initialize()
+    result = flow.run()
+    flow.finalize()
+    return result
+
+
+def test_metadata_verifies_offline_against_the_shipped_schema():
+    verify_metadata(
+        meta_file=str(CONFIGS / "metadata.json"), filepath=str(REPO / "bundle" / "schema" / "meta_schema.json")
+    )
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    assert list(meta["network_data_format"]["inputs"])[0] == "image"
+    assert list(meta["network_data_format"]["outputs"])[0] == "pred"
+
+
+def test_prune_then_evaluate_export_infer(checkpoints, png_dataset, tmp_path):
+    common = {"data_roots": [str(png_dataset)], "device": "cpu", "progress": False}
+    _run(
+        "prune",
+        common
+        | {
+            "medsam_ckpt": str(checkpoints / "medsam_tiny.pth"),
+            "sam_ckpt": str(checkpoints / "sam_tiny.pth"),
+            "sam_pixel_normalize": False,
+            "output_dir": str(tmp_path / "prune"),
+            "cal_size": 2,
+            "recovery_steps": 1,
+            "max_eval_images": 2,
+            "head_sparsity": 0.3,
+        },
+    )
+    report = json.loads((tmp_path / "prune" / "report.json").read_text())
+    assert report["budgets"][0]["achieved"] == round(0.3 * 18)
+    pruned = str(tmp_path / "prune" / "model_pruned.pt")
+
+    _run("evaluate", common | {"checkpoint": pruned, "output_dir": str(tmp_path / "eval")})
+    evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert evaluation["split"] == "all" and evaluation["metrics"][png_dataset.name]["n"] == 8  # never-seen folder
+    assert evaluation["cost"]["encoder_params"] == report["cost"]["after"]["encoder_params"]
+    assert evaluation["latency"]["total_s"] > 0
+
+    _run("export", {"checkpoint": pruned, "output_dir": str(tmp_path / "export"), "formats": ["torchscript"]})
+    encoder = torch.jit.load(str(tmp_path / "export" / "image_encoder.ts"))
+    assert encoder(torch.rand(1, 3, 256, 256)).shape == (1, 256, 16, 16)
+    assert load_sam(tmp_path / "export" / "model.pt").medcore_config.is_compact
+
+    _run("infer", common | {"checkpoint": pruned, "output_dir": str(tmp_path / "infer")})
+    for image_path in sorted((png_dataset / "images").iterdir()):
+        prediction = Image.open(tmp_path / "infer" / png_dataset.name / image_path.name)
+        assert prediction.size == Image.open(image_path).size
+        assert set(np.unique(np.asarray(prediction))) <= {0, 255}
+
+
+def test_infer_writes_nifti_with_the_input_geometry(checkpoints, tmp_path):
+    import nibabel as nib
+
+    root = tmp_path / "vols"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    image = np.random.default_rng(0).normal(100, 10, (20, 24, 5)).astype(np.float32)
+    label = np.zeros((20, 24, 5), dtype=np.uint8)
+    label[5:12, 6:15, 1:4] = 1
+    nib.save(nib.Nifti1Image(image, affine), root / "images" / "case1.nii.gz")
+    nib.save(nib.Nifti1Image(label, affine), root / "masks" / "case1.nii.gz")
+    medsam = str(checkpoints / "medsam_tiny.pth")
+    _run("infer", {"checkpoint": medsam, "data_roots": [str(root)], "device": "cpu", "output_dir": str(tmp_path / "o")})
+    written = nib.load(tmp_path / "o" / "vols" / "case1.nii.gz")
+    assert written.shape == (20, 24, 5) and np.allclose(written.affine, affine)
+    assert not written.get_fdata()[..., [0, 4]].any()  # slices without foreground have no prompt
+
+
+def test_leverage_and_finetune_workflows(checkpoints, png_dataset, tmp_path):
+    common = {"data_roots": [str(png_dataset)], "device": "cpu", "progress": False}
+    _run(
+        "leverage",
+        common
+        | {
+            "medsam_ckpt": str(checkpoints / "medsam_tiny.pth"),
+            "sam_ckpt": str(checkpoints / "sam_tiny.pth"),
+            "sam_pixel_normalize": False,
+            "output_dir": str(tmp_path / "lev"),
+            "cal_size": 2,
+            "head_levels": [0.3, 0.6],
+            "mlp_levels": [0.3, 0.6],
+        },
+    )
+    assert "blr95" in json.loads((tmp_path / "lev" / "leverage.json").read_text())["summary"]
+    _run(
+        "finetune",
+        common
+        | {"checkpoint": str(checkpoints / "medsam_tiny.pth"), "output_dir": str(tmp_path / "ft"), "epochs": 1},
+    )
+    history = json.loads((tmp_path / "ft" / "history.json").read_text())
+    assert len(history["epochs"]) == 1
+    assert (tmp_path / "ft" / "checkpoint_best.pth").is_file()
+
+
+def test_cli_prune_fails_early_on_a_missing_checkpoint(png_dataset, tmp_path):
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "prune",
+        "--config_file", f"['{CONFIGS / 'prune.yaml'}']",
+        "--medsam_ckpt", str(tmp_path / "missing.pth"),
+        "--data_roots", f"['{png_dataset}']",
+        "--output_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode != 0
+    assert f"medsam_ckpt not found: {tmp_path / 'missing.pth'}" in result.stderr + result.stdout
+    assert not (tmp_path / "out" / "model_pruned.pt").exists()
