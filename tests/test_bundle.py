@@ -79,22 +79,22 @@ def test_prune_then_evaluate_export_infer(checkpoints, png_dataset, tmp_path):
     )
     report = json.loads((tmp_path / "prune" / "report.json").read_text())
     assert report["budgets"][0]["achieved"] == round(0.3 * 18)
-    pruned = str(tmp_path / "prune" / "model_pruned.pt")
+    run_dir = tmp_path / "prune"  # the other workflows default to the run's pruned model and write beside it
 
-    _run("evaluate", common | {"checkpoint": pruned, "output_dir": str(tmp_path / "eval")})
-    evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    _run("evaluate", common | {"output_dir": str(run_dir)})
+    evaluation = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())
     assert evaluation["split"] == "all" and evaluation["metrics"][png_dataset.name]["n"] == 8  # never-seen folder
     assert evaluation["cost"]["encoder_params"] == report["cost"]["after"]["encoder_params"]
     assert evaluation["latency"]["total_s"] > 0
 
-    _run("export", {"checkpoint": pruned, "output_dir": str(tmp_path / "export"), "formats": ["torchscript"]})
-    encoder = torch.jit.load(str(tmp_path / "export" / "image_encoder.ts"))
+    _run("export", {"output_dir": str(run_dir), "formats": ["torchscript"]})
+    encoder = torch.jit.load(str(run_dir / "export" / "image_encoder.ts"))
     assert encoder(torch.rand(1, 3, 256, 256)).shape == (1, 256, 16, 16)
-    assert load_sam(tmp_path / "export" / "model.pt").medcore_config.is_compact
+    assert load_sam(run_dir / "export" / "model.pt").medcore_config.is_compact
 
-    _run("infer", common | {"checkpoint": pruned, "output_dir": str(tmp_path / "infer")})
+    _run("infer", common | {"output_dir": str(run_dir)})
     for image_path in sorted((png_dataset / "images").iterdir()):
-        prediction = Image.open(tmp_path / "infer" / png_dataset.name / image_path.name)
+        prediction = Image.open(run_dir / "predictions" / png_dataset.name / image_path.name)
         assert prediction.size == Image.open(image_path).size
         assert set(np.unique(np.asarray(prediction))) <= {0, 255}
 
@@ -113,7 +113,7 @@ def test_infer_writes_nifti_with_the_input_geometry(checkpoints, tmp_path):
     nib.save(nib.Nifti1Image(label, affine), root / "masks" / "case1.nii.gz")
     medsam = str(checkpoints / "medsam_tiny.pth")
     _run("infer", {"checkpoint": medsam, "data_roots": [str(root)], "device": "cpu", "output_dir": str(tmp_path / "o")})
-    written = nib.load(tmp_path / "o" / "vols" / "case1.nii.gz")
+    written = nib.load(tmp_path / "o" / "predictions" / "vols" / "case1.nii.gz")
     assert written.shape == (20, 24, 5) and np.allclose(written.affine, affine)
     assert not written.get_fdata()[..., [0, 4]].any()  # slices without foreground have no prompt
 
@@ -139,9 +139,9 @@ def test_leverage_and_finetune_workflows(checkpoints, png_dataset, tmp_path):
         common
         | {"checkpoint": str(checkpoints / "medsam_tiny.pth"), "output_dir": str(tmp_path / "ft"), "epochs": 1},
     )
-    history = json.loads((tmp_path / "ft" / "history.json").read_text())
+    history = json.loads((tmp_path / "ft" / "finetune" / "history.json").read_text())
     assert len(history["epochs"]) == 1
-    assert (tmp_path / "ft" / "checkpoint_best.pth").is_file()
+    assert (tmp_path / "ft" / "finetune" / "checkpoint_best.pth").is_file()
 
 
 def test_cli_prune_fails_early_on_a_missing_checkpoint(png_dataset, tmp_path):
