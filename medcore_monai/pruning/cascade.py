@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..engines.recovery import RecoveryConfig, TeacherOutputs, recover
 from ..networks.structure import StructuredMasks, attach_masks, encoder_structure, kept_indices, slim_encoder_
 from .budget import BudgetReport, block_sensitivity, plan_masks
-from .fisher import FisherResult, compute_fisher, cross_fisher
+from .fisher import FisherResult, compute_fisher, cross_fisher, shard_for_process
 from .scores import (
     SCORE_METHODS,
     GroupScores,
@@ -177,7 +177,7 @@ def score_groups(
 
 
 def _loader(samples: Sequence[Mapping[str, Any]]) -> DataLoader:
-    return DataLoader(list(samples), batch_size=1, shuffle=False)
+    return DataLoader(shard_for_process(list(samples)), batch_size=1, shuffle=False)
 
 
 class _Pruner:

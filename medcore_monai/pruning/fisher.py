@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, EventEnum, Events
 from torch import nn
@@ -28,6 +29,7 @@ __all__ = [
     "compute_fisher",
     "create_fisher_engine",
     "cross_fisher",
+    "shard_for_process",
 ]
 
 logger = logging.getLogger(__name__)
@@ -132,12 +134,24 @@ class FisherAccumulator:
             for acc, c in zip(self.taylor_channels, channels):
                 acc.add_(c.square())
 
+    def _sum_over_processes(self) -> None:
+        # Under torchrun / idist each process saw its own shard; add sums and counts of all of them.
+        if idist.get_world_size() == 1:
+            return
+        counts = idist.all_reduce(torch.tensor([self.used, self.skipped], dtype=torch.float64, device=idist.device()))
+        self.used, self.skipped = int(counts[0]), int(counts[1])
+        for name in self.sums:
+            self.sums[name] = idist.all_reduce(self.sums[name])
+        self.taylor_heads = [idist.all_reduce(t) for t in self.taylor_heads]
+        self.taylor_channels = [idist.all_reduce(t) for t in self.taylor_channels]
+
     def result(self) -> FisherResult:
-        """Mean over accepted samples.
+        """Mean over accepted samples (of every process when running distributed).
 
         Raises:
             RuntimeError: if every sample was skipped.
         """
+        self._sum_over_processes()
         if self.used == 0:
             raise RuntimeError(f"Fisher calibration accepted no sample ({self.skipped} skipped as non-finite)")
         return FisherResult(
@@ -223,7 +237,9 @@ def compute_fisher(
 
     Args:
         model: a :class:`~medcore_monai.networks.MedSAM` (masks may be attached; removed groups get 0).
-        data: iterable of batches (see :func:`create_fisher_engine`).
+        data: iterable of batches (see :func:`create_fisher_engine`); when running distributed (torchrun,
+            ``ignite.distributed``) each process passes its own shard (e.g. :func:`shard_for_process`)
+            and the result is the mean over all of them.
         device: where to compute and accumulate (default: the model's device).
         boundary_weight: lambda_B of the loss.
         reduction: loss reduction over pixels (``mean`` default, ``sum`` as in the reference code).
@@ -239,6 +255,11 @@ def compute_fisher(
         ProgressBar(desc=description, persist=False).attach(engine, output_transform=lambda loss: {"loss": loss})
     engine.run(data, max_epochs=1)
     return accumulator.result()
+
+
+def shard_for_process(samples: list) -> list:
+    """This process's share of ``samples`` (every world-size-th item), the whole list when not distributed."""
+    return samples[idist.get_rank() :: idist.get_world_size()]
 
 
 def cross_fisher(
