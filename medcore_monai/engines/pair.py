@@ -70,8 +70,8 @@ GENERAL_FILE = "sam_tiny.pth"
 MEDICAL_FILE = "medsam_tiny.pth"
 REPORT_FILE = "pair_report.json"
 
-GENERAL_STEPS = 1000
-MEDICAL_STEPS = 600
+GENERAL_STEPS = 900
+MEDICAL_STEPS = 550
 SPLIT_SEED = 42  # the pruning runs' split and evaluation-jitter seed
 EVAL_BBOX_SHIFT = 5
 GENERAL_VAL_SCENES = 64
@@ -541,7 +541,7 @@ def build_pair(
         "metrics": metrics,
         "wall_time_s": timing | {"total_s": sum(timing.values())},
     }
-    write_json_atomic(output_dir / REPORT_FILE, report, indent=2)
+    write_json_atomic(output_dir / REPORT_FILE, report)
     return report
 
 

@@ -258,7 +258,7 @@ def compute_fisher(
 
 
 def shard_for_process(samples: list) -> list:
-    """This process's share of ``samples`` (every world-size-th item), the whole list when not distributed."""
+    """Share of ``samples`` for the current process (every world-size-th item); all of them when not distributed."""
     return samples[idist.get_rank() :: idist.get_world_size()]
 
 
