@@ -15,14 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import DataLoader
 from PIL import Image
 
-from .data.datasets import SplitData, dataset_specs, load_items, prepare_splits, preprocess_split
+from .data.datasets import (
+    SplitData,
+    dataset_specs,
+    is_volumetric,
+    load_items,
+    prepare_splits,
+    preprocess_split,
+)
 from .data.splits import SplitManifest
-from .engines.common import plain_tensor
-from .engines.evaluation import evaluate_model, summarise
+from .engines.evaluation import evaluate_items, predict_native, slices_to_volumes, summarise
 from .engines.prune import PruneSettings, model_cost, run_prune
 from .files import atomic_path, write_json_atomic, write_text_atomic
 from .networks import MedSAM, load_sam, save_sam
@@ -116,11 +121,10 @@ def evaluate(
     output = Path(output_dir)
     results: dict[str, Any] = {}
     for name, dataset_items in items.items():
-        samples = preprocess_split(dataset_items[:max_images], model.img_size, bbox_shift, seed, label_value)
-        rows = evaluate_model(model, DataLoader(samples, batch_size=1), device_t, progress=progress)
+        rows = evaluate_items(model, dataset_items[:max_images], device_t, seed, bbox_shift, label_value, progress)
         _write_csv(output / f"metrics_{name}.csv", rows)
-        results[name] = summarise(rows)
-    metric_keys = [k for k in next(iter(results.values())) if k != "n"]
+        results[name] = summarise(rows) | {"units": "mm, per volume" if is_volumetric(dataset_items) else "pixels"}
+    metric_keys = [k for k in next(iter(results.values())) if k not in ("n", "units")]
     results["macro"] = {k: float(np.mean([results[d][k] for d in items])) for k in metric_keys}
     report = {
         "checkpoint": {"path": checkpoint, "sha256": file_sha256(checkpoint)},
@@ -192,22 +196,13 @@ def infer(
     for spec in dataset_specs(data_roots, dataset_names, label_value):
         items = load_items(spec)
         samples = preprocess_split(items, model.img_size, 0, 0, label_value, progress=progress)
-        predictions = [_predict_native(model, samples[i], device_t) for i in range(len(samples))]
+        predictions = [predict_native(model, samples[i], device_t) for i in range(len(samples))]
         if "volume" in items[0]:
             written += _write_volumes(output / spec.name, items, predictions)
         else:
             for item, pred in zip(items, predictions):
                 written.append(str(_write_png(output / spec.name / f"{item['name']}.png", pred)))
     return {"count": len(written), "files": written}
-
-
-@torch.no_grad()
-def _predict_native(model: MedSAM, sample: dict[str, Any], device: torch.device) -> np.ndarray:
-    image = plain_tensor(sample["image"], device).float()[None]
-    box = plain_tensor(sample["box"], device).float()[None]
-    height, width = (int(v) for v in plain_tensor(sample["original_shape"]).tolist())
-    logits = F.interpolate(model(image, box), size=(height, width), mode="bilinear", align_corners=False)
-    return (logits[0, 0] > 0).cpu().numpy()
 
 
 def _write_png(path: Path, mask: np.ndarray) -> Path:
@@ -219,16 +214,9 @@ def _write_png(path: Path, mask: np.ndarray) -> Path:
 def _write_volumes(folder: Path, items: Sequence[dict[str, Any]], predictions: Sequence[np.ndarray]) -> list[str]:
     import nibabel as nib
 
-    folder.mkdir(parents=True, exist_ok=True)
-    by_volume: dict[str, list[tuple[dict[str, Any], np.ndarray]]] = {}
-    for item, pred in zip(items, predictions):
-        by_volume.setdefault(item["volume"], []).append((item, pred))
     written = []
-    for volume, entries in by_volume.items():
-        reference = nib.load(entries[0][0]["image_path"])
-        labels = np.zeros(reference.shape[:3], dtype=np.uint8)
-        for item, pred in entries:
-            labels[:, :, item["slice_index"]] = pred.astype(np.uint8)
+    for volume, (item, labels) in slices_to_volumes(items, predictions).items():
+        reference = nib.load(item["image_path"])
         path = folder / f"{volume}.nii.gz"
         with atomic_path(path) as tmp:
             nib.save(nib.Nifti1Image(labels, reference.affine, reference.header), tmp)

@@ -69,7 +69,7 @@ def _check_run(report, out, head_sparsity, mlp_sparsity):
     assert count_parameters(pruned.image_encoder) == after["encoder_params"]
     for per_dataset in report["metrics"].values():
         for stage in ("before", "after"):
-            assert all(math.isfinite(v) for k, v in per_dataset[stage].items() if k != "volumetric")
+            assert all(math.isfinite(v) for k, v in per_dataset[stage].items() if k != "units")
     scores = np.load(out / "scores.npz")
     assert scores["head_scores"].shape == (18,) and scores["mlp_scores"].shape == (4608,)
     assert "Segmentation metrics" in (out / "report.md").read_text()
@@ -110,6 +110,8 @@ def test_prune_tiny_model_on_real_kvasir_and_hippocampus(checkpoints, kvasir_roo
     )
     _check_run(report, out, 0.5, 0.7)
     assert report["datasets"]["hippocampus"]["calibration"] == 3
+    assert report["metrics"]["hippocampus"]["after"]["units"] == "mm, per volume"
+    assert report["metrics"]["kvasir"]["after"]["units"] == "pixels"
     assert set(report["metrics"]) == {"kvasir", "hippocampus", "macro"}
     assert len(report["kept_heads"][5]) == 3  # protected block untouched
 

@@ -328,6 +328,7 @@ def _slice_records(
                 "name": f"{stem}_s{index:03d}",
                 "volume": stem,
                 "slice_index": index,
+                "slice_axis": axis,
                 "spacing": in_plane_spacing,
                 "dataset": tag,
                 "image_path": str(item["image"]),

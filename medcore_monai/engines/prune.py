@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader
 
 from ..data.datasets import SplitData, dataset_specs, is_volumetric, prepare_splits, preprocess_split
 from ..files import atomic_path, write_json_atomic
@@ -26,7 +25,7 @@ from ..losses.recovery import RecoveryLossWeights
 from ..networks import MedSAM, count_parameters, file_sha256, load_sam, save_sam
 from ..networks.structure import encoder_flops, measure_flops
 from ..pruning.cascade import CascadeConfig, CascadeResult, run_cascade
-from .evaluation import evaluate_model, summarise
+from .evaluation import evaluate_items, summarise
 from .recovery import RecoveryConfig
 
 __all__ = ["PruneSettings", "calibration_samples", "model_cost", "run_prune", "write_json_atomic"]
@@ -172,10 +171,11 @@ def _evaluate(model: MedSAM, data: SplitData, settings: PruneSettings, device) -
     results = {}
     for dataset in data.items:
         items = data.split(dataset, settings.eval_split)[: settings.max_eval_images]
-        samples = preprocess_split(items, model.img_size, settings.eval_bbox_shift, settings.seed, settings.label_value)
-        rows = evaluate_model(model, DataLoader(samples, batch_size=1), device, progress=settings.progress)
-        results[dataset] = summarise(rows) | {"volumetric": is_volumetric(items)}
-    keys = [k for k in next(iter(results.values())) if k not in ("n", "volumetric")]
+        rows = evaluate_items(
+            model, items, device, settings.seed, settings.eval_bbox_shift, settings.label_value, settings.progress
+        )
+        results[dataset] = summarise(rows) | {"units": "mm, per volume" if is_volumetric(items) else "pixels"}
+    keys = [k for k in next(iter(results.values())) if k not in ("n", "units")]
     results["macro"] = {k: float(np.mean([results[d][k] for d in data.items])) for k in keys}
     return results
 
