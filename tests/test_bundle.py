@@ -136,8 +136,7 @@ def test_leverage_and_finetune_workflows(checkpoints, png_dataset, tmp_path):
     assert "blr95" in json.loads((tmp_path / "lev" / "leverage.json").read_text())["summary"]
     _run(
         "finetune",
-        common
-        | {"checkpoint": str(checkpoints / "medsam_tiny.pth"), "output_dir": str(tmp_path / "ft"), "epochs": 1},
+        common | {"checkpoint": str(checkpoints / "medsam_tiny.pth"), "output_dir": str(tmp_path / "ft"), "epochs": 1},
     )
     history = json.loads((tmp_path / "ft" / "finetune" / "history.json").read_text())
     assert len(history["epochs"]) == 1

@@ -239,3 +239,18 @@ def test_aligned_reference_slices_dense_tensors_to_kept_groups():
     aligned = aligned_reference(reference, dense.image_encoder)
     for name, tensor in dense.image_encoder.state_dict().items():
         assert torch.equal(aligned[name], tensor), name
+
+
+def test_precomputed_scores_give_the_same_cascade(calibration):
+    from medcore_monai.pruning.cascade import score_model
+
+    config = _config(score="zero")
+    direct_model = _model()
+    direct = run_cascade(direct_model, calibration, config, progress=False)
+    reused_model = _model()
+    precomputed = score_model(reused_model, calibration, config, progress=False)
+    reused = run_cascade(reused_model, calibration, config, progress=False, precomputed=precomputed)
+    assert reused.kept_heads == direct.kept_heads and reused.kept_channels == direct.kept_channels
+    assert "fisher" not in reused.timing
+    with pytest.raises(ValueError, match="recompute_mlp_scores"):
+        run_cascade(_model(), calibration, _config(recompute_mlp_scores=True), precomputed=precomputed)

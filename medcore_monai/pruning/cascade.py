@@ -36,7 +36,15 @@ from .scores import (
     zero_scores,
 )
 
-__all__ = ["CascadeConfig", "CascadeResult", "aligned_reference", "score_groups", "score_model", "run_cascade"]
+__all__ = [
+    "CascadeConfig",
+    "CascadeResult",
+    "aligned_reference",
+    "run_cascade",
+    "score_groups",
+    "score_model",
+    "score_model_methods",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +191,10 @@ def _loader(samples: Sequence[Mapping[str, Any]]) -> DataLoader:
 class _Pruner:
     """State of one cascade: the model, its masks or slimmed structure, teacher and calibration data."""
 
-    def __init__(self, model, reference_model, calibration, config: CascadeConfig, device, output_dir, progress):
+    def __init__(
+        self, model, reference_model, calibration, config: CascadeConfig, device, output_dir, progress, methods=None
+    ):
+        self.methods = set(methods or [config.score])  # which score methods this calibration must serve
         if not calibration or any(len(samples) == 0 for samples in calibration.values()):
             raise ValueError("every calibration dataset needs at least one sample")
         self.model, self.reference_model = model, reference_model
@@ -214,7 +225,7 @@ class _Pruner:
                 self.device,
                 self.config.boundary_fisher_weight,
                 self.config.fisher_reduction,
-                group_taylor=self.config.score == "taylor",
+                group_taylor="taylor" in self.methods,
                 progress=self.progress,
                 description=f"Fisher {name}",
             )
@@ -223,7 +234,7 @@ class _Pruner:
         return results
 
     def sam_fisher(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | tuple[None, None]:
-        if self.config.score not in ("dual", "reset"):
+        if not self.methods & {"dual", "reset"}:
             return None, None
         if self.reference_model is None:
             raise ValueError(f"score {self.config.score!r} needs a SAM reference checkpoint (sam_ckpt)")
@@ -242,13 +253,13 @@ class _Pruner:
         self.reference_model.to("cpu")
         return result.fisher, {k: v.to(self.device) for k, v in weights.items()}
 
-    def scores(self, fishers, fisher_sam, sam_weights) -> tuple[GroupScores, dict[str, np.ndarray]]:
+    def scores(self, fishers, fisher_sam, sam_weights, method=None, seed=None) -> tuple[GroupScores, dict]:
         encoder = self.model.image_encoder
         structure = encoder_structure(encoder)
         aligned_fs = aligned_reference(fisher_sam, encoder) if fisher_sam is not None else None
         aligned_ws = aligned_reference(sam_weights, encoder) if sam_weights is not None else None
         return score_groups(
-            self.config.score,
+            method or self.config.score,
             fishers,
             _encoder_weights(self.model),
             structure,
@@ -257,7 +268,7 @@ class _Pruner:
             self.config.pi,
             self.config.dist_beta,
             self.config.spread,
-            self.config.seed,
+            self.config.seed if seed is None else seed,
         )
 
     def sensitivity(self, fishers) -> torch.Tensor:
@@ -320,6 +331,33 @@ def score_model(
     return scores, details, sensitivity
 
 
+def score_model_methods(
+    model: nn.Module,
+    calibration: Mapping[str, Sequence[Mapping[str, Any]]],
+    methods: Sequence[tuple[str, int]],
+    config: CascadeConfig = CascadeConfig(),
+    reference_model: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[tuple[str, int], tuple[GroupScores, dict[str, np.ndarray], torch.Tensor]]:
+    """One calibration, several ``(method, seed)`` scorings: inputs for ``run_cascade(precomputed=...)``.
+
+    Every method shares the same Fisher and hence the same block budgets, so comparisons isolate the ranking.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    state = _Pruner(model, reference_model, calibration, config, device, None, progress, [m for m, _ in methods])
+    fishers = state.fisher_per_dataset("initial")
+    fisher_sam, sam_weights = state.sam_fisher()
+    sensitivity = state.sensitivity(fishers)
+    out = {}
+    for method, seed in methods:
+        scores, details = state.scores(fishers, fisher_sam, sam_weights, method=method, seed=seed)
+        details["block_sensitivity"] = sensitivity.numpy()
+        out[(method, seed)] = (scores, details, sensitivity)
+    return out
+
+
 def run_cascade(
     model: nn.Module,
     calibration: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -328,6 +366,7 @@ def run_cascade(
     device: torch.device | str | None = None,
     output_dir: str | Path | None = None,
     progress: bool = True,
+    precomputed: tuple[GroupScores, dict[str, np.ndarray], torch.Tensor] | None = None,
 ) -> CascadeResult:
     """Prune ``model`` (a :class:`~medcore_monai.networks.MedSAM`) in place.
 
@@ -340,13 +379,20 @@ def run_cascade(
         device: where everything runs (default: the model's device).
         output_dir: recovery checkpoints go to ``output_dir/recovery_{heads,mlp}`` (resumable).
         progress: progress bars.
+        precomputed: ``(scores, details, sensitivity)`` from :func:`score_model` on this same model with the
+            same calibration data, to prune one model at several budgets without calibrating again.
     """
+    if precomputed is not None and config.recompute_mlp_scores:
+        raise ValueError("precomputed scores cannot be combined with recompute_mlp_scores")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     state = _Pruner(model, reference_model, calibration, config, device, output_dir, progress)
     teacher = TeacherOutputs(model, cache=config.teacher_cache)
     state.timed("teacher", teacher.precompute, state.pooled, device)
-    scores, details, sensitivity, fisher_sam, sam_weights = _initial_scores(state)
+    if precomputed is None:
+        scores, details, sensitivity, fisher_sam, sam_weights = _initial_scores(state)
+    else:
+        (scores, details, sensitivity), fisher_sam, sam_weights = precomputed, None, None
 
     budgets = [state.plan(scores.heads, None, sensitivity, "heads")]
     recovery_log = {"heads": state.timed("recovery", _recover, state, teacher, "heads")}

@@ -135,7 +135,14 @@ def _metrics_section(metrics: Any) -> list[str]:
     if not rows:
         return []
     header = ("Dataset", "Stage", *(label for _, label in columns))
-    note = "Dice, IoU and BF1: higher is better; HD95 in pixels: lower is better."
+    units = {
+        dataset: stage.get("units", "pixels")
+        for dataset, stages in per_dataset.items()
+        for stage in stages.values()
+        if isinstance(stage, Mapping) and dataset != "macro"
+    }
+    unit_text = "; ".join(f"{d}: {u}" for d, u in units.items()) or "pixels"
+    note = f"Dice, IoU and BF1: higher is better; HD95: lower is better (units: {unit_text})."
     return ["## Segmentation metrics", "", *_table(header, rows), "", note, ""]
 
 

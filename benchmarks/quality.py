@@ -1,0 +1,134 @@
+"""Pruning quality on the Kvasir-SEG test split: MedCore (dual) against the baselines at three budgets.
+
+Usage::
+
+    python benchmarks/quality.py --kvasir-root ../shared/data/kvasir_seg \
+        --medsam bundle/models/medsam_tiny.pth --sam bundle/models/sam_tiny.pth --out docs/benchmarks_quality.json
+
+The split is the project's standard one (seed 42, 60/20/20, calibration = first ``--cal-size`` training images),
+the same the tiny pair was trained with, so the test images were never used for training, calibration, recovery
+or selection. One calibration (Fisher of the medical model per dataset, of SAM, grouped Taylor) serves every
+method, so all methods share the block budgets and the identical recovery (same steps, same sampled images);
+only the ranking inside blocks differs. The dense model gets the same two recoveries without pruning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+
+from medcore_monai.data.datasets import DatasetSpec, prepare_splits, preprocess_split
+from medcore_monai.engines.evaluation import evaluate_model, summarise
+from medcore_monai.engines.prune import PruneSettings, calibration_samples, model_cost
+from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs, recover
+from medcore_monai.networks import MedSAM, load_sam
+from medcore_monai.pruning.cascade import CascadeConfig, run_cascade, score_model_methods
+
+METHODS = [("dual", 0), ("zero", 0), ("reset", 0), ("taylor", 0), ("magnitude", 0), ("random", 0), ("random", 1),
+           ("random", 2)]  # fmt: skip
+BUDGETS = {"-30%": 0.32, "-60%": 0.63, "-80%": 0.84}
+
+
+def _evaluate(model, test_samples, device) -> dict:
+    return summarise(evaluate_model(model, DataLoader(test_samples, batch_size=8), device))
+
+
+def _dense_with_recovery(medsam, calibration, recovery: RecoveryConfig, device) -> MedSAM:
+    model = copy.deepcopy(medsam)
+    teacher = TeacherOutputs(model, cache=True)
+    samples = [s for group in calibration.values() for s in group]
+    teacher.precompute(samples, device)
+    for _ in ("heads", "mlp"):  # the same two recoveries the cascade runs
+        recover(model, teacher, samples, recovery, device, progress=False)
+    return model
+
+
+def main() -> None:
+    """Run every method and budget and write the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kvasir-root", required=True)
+    parser.add_argument("--medsam", required=True)
+    parser.add_argument("--sam", required=True)
+    parser.add_argument("--out", default="docs/benchmarks_quality.json")
+    parser.add_argument("--cal-size", type=int, default=128)
+    parser.add_argument("--recovery-steps", type=int, default=100)
+    parser.add_argument("--max-test", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+
+    settings = PruneSettings(cal_size=args.cal_size, progress=False, seed=42)
+    data = prepare_splits([DatasetSpec(args.kvasir_root, "kvasir")], seed=42, cal_size=args.cal_size)
+    medsam = MedSAM(load_sam(args.medsam)).to(device)
+    reference = MedSAM(load_sam(args.sam), pixel_normalize=True).to(device)
+    calibration = calibration_samples(medsam, data, settings)
+    test_items = data.split("kvasir", "test")[: args.max_test]
+    # decoded and resized once; deterministic 0-5 px box jitter per image name
+    test_samples = preprocess_split(test_items, medsam.img_size, bbox_shift=5, seed=42)
+    recovery = RecoveryConfig(steps=args.recovery_steps, lr=1e-5, seed=42)
+
+    rows = [
+        {
+            "method": "dense (no recovery)",
+            "budget": "0%",
+            **model_cost(medsam),
+            **_evaluate(medsam, test_samples, device),
+        }
+    ]
+    dense = _dense_with_recovery(medsam, calibration, recovery, device)
+    rows.append(
+        {"method": "dense + recovery", "budget": "0%", **model_cost(dense), **_evaluate(dense, test_samples, device)}
+    )
+    print(json.dumps(rows[-1]), flush=True)
+
+    scored = score_model_methods(medsam, calibration, METHODS, CascadeConfig(), reference, device, progress=False)
+    for budget, sparsity in BUDGETS.items():
+        for (method, seed), precomputed in scored.items():
+            model = copy.deepcopy(medsam)
+            config = CascadeConfig(
+                head_sparsity=sparsity, mlp_sparsity=sparsity, score=method, seed=seed, recovery=recovery
+            )
+            result = run_cascade(model, calibration, config, reference, device, progress=False, precomputed=precomputed)
+            row = {"method": method, "seed": seed, "budget": budget, **model_cost(model)}
+            row |= {"achieved": [r.achieved_sparsity for r in result.budgets], **_evaluate(model, test_samples, device)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    meta = {
+        "date": date.today().isoformat(),
+        "device": str(device),
+        "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
+        "command": " ".join(sys.argv),
+        "test_images": len(test_items),
+        "calibration_images": sum(len(v) for v in calibration.values()),
+        "seconds": time.perf_counter() - start,
+    }
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+    _print_summary(rows)
+
+
+def _print_summary(rows: list[dict]) -> None:
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_key.setdefault((row["budget"], row["method"]), []).append(row)
+    for (budget, method), group in by_key.items():
+        dice = np.mean([r["dice"] for r in group])
+        bf1 = np.mean([r["bf1"] for r in group])
+        print(f"{budget:>5} {method:<20} dice {dice:.4f} bf1 {bf1:.4f} (n={len(group)})")
+
+
+if __name__ == "__main__":
+    main()
