@@ -44,6 +44,9 @@ def png_dataset(tmp_path_factory):
 
 def _run(workflow: str, overrides: dict, preset: str | None = None):
     files = [str(CONFIGS / f"{workflow}.yaml")] + ([str(REPO / "configs" / preset)] if preset else [])
+    overrides = {
+        "bundle_root": str(REPO / "bundle")
+    } | overrides  # the configs default to the repo-root-relative "bundle"
     flow = ConfigWorkflow(config_file=files, run_id=workflow, workflow_type=None, **overrides)
     flow.initialize()
     result = flow.run()
@@ -155,3 +158,17 @@ def test_cli_prune_fails_early_on_a_missing_checkpoint(png_dataset, tmp_path):
     assert result.returncode != 0
     assert f"medsam_ckpt not found: {tmp_path / 'missing.pth'}" in result.stderr + result.stdout
     assert not (tmp_path / "out" / "model_pruned.pt").exists()
+
+
+def test_embedded_default_runs_on_shipped_models_and_sample(tmp_path):
+    """The README's default job, shrunk: the shipped tiny pair on the shipped hippocampus volumes."""
+    _run(
+        "prune",
+        {"output_dir": str(tmp_path), "cal_size": 4, "recovery_steps": 2, "max_eval_images": 12, "progress": False},
+        preset="demo.yaml",
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["inputs"]["medsam_ckpt"]["sha256"] != report["inputs"]["sam_ckpt"]["sha256"]
+    assert report["metrics"]["hippocampus"]["after"]["units"] == "mm, per volume"
+    assert report["reduction"]["encoder_params"] > 0.3
+    assert report["fisher_samples"]["sam"]["used"] == 4
