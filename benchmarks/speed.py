@@ -135,7 +135,7 @@ def main() -> None:
             row["latency_over_flops"] = row["latency_ratio"] / row["flops_kept"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{platform.machine()}, {args.threads} threads per measurement, torch {torch.__version__}"
     meta = {"date": date.today().isoformat(), "device": args.device, "machine": machine, "command": " ".join(sys.argv)}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
