@@ -33,6 +33,10 @@ __all__ = ["PruneSettings", "calibration_samples", "model_cost", "run_prune", "w
 logger = logging.getLogger(__name__)
 
 
+# the cascade's own defaults are the single source of the flat settings' defaults
+_CASCADE, _RECOVERY, _LOSS = CascadeConfig(), RecoveryConfig(), RecoveryLossWeights()
+
+
 @dataclass
 class PruneSettings:
     """All settings of a pruning run (the bundle's config keys)."""
@@ -44,27 +48,27 @@ class PruneSettings:
     output_dir: str = "outputs/prune"
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     seed: int = 42
-    head_sparsity: float = 0.5
-    mlp_sparsity: float = 0.7
-    score: str = "dual"
+    head_sparsity: float = _CASCADE.head_sparsity
+    mlp_sparsity: float = _CASCADE.mlp_sparsity
+    score: str = _CASCADE.score
     protected_blocks: Sequence[int] = ()
-    min_keep_heads: int = 1
-    min_keep_mlp_fraction: float = 0.05
-    boundary_fisher_weight: float = 3.0
-    fisher_reduction: str = "mean"
-    dist_beta: float = 0.3
-    spread: str = "std"
+    min_keep_heads: int = _CASCADE.min_keep_heads
+    min_keep_mlp_fraction: float = _CASCADE.min_keep_mlp_fraction
+    boundary_fisher_weight: float = _CASCADE.boundary_fisher_weight
+    fisher_reduction: str = _CASCADE.fisher_reduction
+    dist_beta: float = _CASCADE.dist_beta
+    spread: str = _CASCADE.spread
     pi: Sequence[float] | None = None
-    recompute_mlp_scores: bool = False
-    continuation: bool = False
-    slim: bool = True
-    recovery_steps: int = 100
-    recovery_lr: float = 1e-5
-    recovery_batch_size: int = 1
-    boundary_loss_weight: float = 1.0
-    feat_distill_weight: float = 0.5
-    logit_distill_weight: float = 2.0
-    freq_pred_loss_weight: float = 0.5
+    recompute_mlp_scores: bool = _CASCADE.recompute_mlp_scores
+    continuation: bool = _CASCADE.continuation
+    slim: bool = _CASCADE.slim
+    recovery_steps: int = _RECOVERY.steps
+    recovery_lr: float = _RECOVERY.lr
+    recovery_batch_size: int = _RECOVERY.batch_size
+    boundary_loss_weight: float = _LOSS.boundary
+    feat_distill_weight: float = _LOSS.feature
+    logit_distill_weight: float = _LOSS.logit
+    freq_pred_loss_weight: float = _LOSS.frequency
     cal_size: int = 128
     val_fraction: float = 0.2
     test_fraction: float = 0.2

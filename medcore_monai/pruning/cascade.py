@@ -31,6 +31,7 @@ from .scores import (
     alpha_per_block,
     magnitude_scores,
     mix_scores,
+    normalised_weights,
     random_scores,
     reset_scores,
     zero_scores,
@@ -127,13 +128,6 @@ def _pi_weighted_fisher(fishers: Sequence[FisherResult], pi: torch.Tensor) -> di
     return {name: sum(float(w) * f.fisher[name] for w, f in zip(pi, fishers)) for name in fishers[0].fisher}
 
 
-def _normalised_pi(pi: Sequence[float] | None, count: int) -> torch.Tensor:
-    weights = torch.ones(count, dtype=torch.float64) if pi is None else torch.tensor(pi, dtype=torch.float64)
-    if weights.numel() != count or bool((weights < 0).any()) or float(weights.sum()) <= 0:
-        raise ValueError(f"pi must hold {count} non-negative weights with a positive sum, got {list(weights)}")
-    return weights / weights.sum()
-
-
 def score_groups(
     method: str,
     fishers: Sequence[FisherResult],
@@ -153,7 +147,7 @@ def score_groups(
     calibration; ``magnitude`` and ``random`` need no data. Data-driven scores are aggregated over
     datasets with :func:`aggregate_datasets`.
     """
-    pi_t = _normalised_pi(pi, len(fishers))
+    pi_t = normalised_weights(pi, len(fishers))
     details: dict[str, np.ndarray] = {"pi": pi_t.numpy()}
     if method == "random":
         return random_scores(structure, seed), details
@@ -272,7 +266,7 @@ class _Pruner:
         )
 
     def sensitivity(self, fishers) -> torch.Tensor:
-        pi = _normalised_pi(self.config.pi, len(fishers))
+        pi = normalised_weights(self.config.pi, len(fishers))
         return block_sensitivity(_pi_weighted_fisher(fishers, pi), len(self.model.image_encoder.blocks))
 
     def apply(self, new_masks: StructuredMasks) -> None:

@@ -125,7 +125,8 @@ def mix_scores(zero: GroupScores, reset: GroupScores, alpha: torch.Tensor) -> Gr
     )
 
 
-def _normalised_weights(pi: Sequence[float] | None, count: int) -> torch.Tensor:
+def normalised_weights(pi: Sequence[float] | None, count: int) -> torch.Tensor:
+    """Dataset weights pi normalised to sum 1 (``None``: equal weights)."""
     weights = torch.ones(count, dtype=torch.float64) if pi is None else torch.tensor(pi, dtype=torch.float64)
     if weights.numel() != count or bool((weights < 0).any()) or float(weights.sum()) <= 0:
         raise ValueError(f"pi must have {count} non-negative weights with a positive sum, got {list(weights)}")
@@ -154,7 +155,7 @@ def aggregate_datasets(
         raise ValueError("no per-dataset scores to aggregate")
     if spread not in ("std", "variance", "none"):
         raise ValueError(f"spread must be 'std', 'variance' or 'none', got {spread!r}")
-    weights = _normalised_weights(pi, len(per_dataset))
+    weights = normalised_weights(pi, len(per_dataset))
     blocks = len(per_dataset[0].heads)
     return GroupScores(
         heads=[_aggregate_tensors([s.heads[b] for s in per_dataset], weights, beta, spread) for b in range(blocks)],
