@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from monai.data import DataLoader
 
 from .data import folder_pairs
 from .engines.evaluation import evaluate_model, summarise
@@ -72,16 +72,6 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
     return build_sam(args.model_type, seed=args.seed)
 
 
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "image": torch.stack([torch.as_tensor(s["image"]) for s in samples]),
-        "label": torch.stack([torch.as_tensor(s["label"]) for s in samples]),
-        "label_lowres": torch.stack([torch.as_tensor(s["label_lowres"]) for s in samples]),
-        "box": torch.stack([torch.as_tensor(s["box"]) for s in samples]),
-        "name": [s["name"] for s in samples],
-    }
-
-
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Execute the demo and return the report (also written to ``output_dir/report.json``)."""
     start = time.perf_counter()
@@ -90,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     sam = _model(args).to(device)
     model = MedSAM(sam)
     samples, source = _data(args, model.img_size)
-    loader = DataLoader(samples, batch_size=1, shuffle=False, collate_fn=_collate)
+    loader = DataLoader(samples, batch_size=1, shuffle=False)
 
     dense_params = count_parameters(sam.image_encoder)
     dense_flops = encoder_flops(sam.image_encoder)
