@@ -65,7 +65,11 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from an existing --out JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        plot_curves(json.loads(Path(args.out).read_text())["rows"], Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     start = time.perf_counter()
@@ -118,6 +122,37 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
     _print_summary(rows)
+    plot_curves(rows, Path(args.out).with_suffix(".png"))
+
+
+def curve_rows(rows: list[dict]) -> list[dict]:
+    """One row per (method, budget): seeds averaged, with ``<metric>_std``; the dense model starts every line."""
+    dense = next(r for r in rows if r["method"] == "dense + recovery")
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if "seed" in row:
+            grouped.setdefault((row["method"], row["budget"]), []).append(row)
+    out = []
+    for method in dict.fromkeys(m for m, _ in grouped):
+        out.append({**dense, "method": method})
+        for (name, _), group in grouped.items():
+            if name != method:
+                continue
+            merged = {"method": method, "encoder_params": group[0]["encoder_params"]}
+            for key in ("dice", "bf1", "hd95"):
+                values = [r[key] for r in group]
+                merged[key] = float(np.mean(values))
+                if len(values) > 1:
+                    merged[f"{key}_std"] = float(np.std(values))
+            out.append(merged)
+    return out
+
+
+def plot_curves(rows: list[dict], path: Path) -> Path:
+    """Encoder parameters against BF1 and HD95, one line per method."""
+    from medcore_monai.reports import plot_budget_curves
+
+    return plot_budget_curves(curve_rows(rows), path, x="encoder_params", metrics=("bf1", "hd95"))
 
 
 def _print_summary(rows: list[dict]) -> None:
