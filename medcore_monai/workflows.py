@@ -7,7 +7,9 @@ only call these.
 
 from __future__ import annotations
 
+import ast
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from monai.data import DataLoader
 from PIL import Image
 
@@ -33,9 +36,48 @@ from .files import atomic_path, write_json_atomic, write_text_atomic
 from .networks import MedSAM, load_sam, save_sam
 from .networks.build import file_sha256
 
-__all__ = ["prune", "evaluate", "export", "infer", "finetune", "leverage", "measure_latency"]
+__all__ = ["check_preset_keys", "evaluate", "export", "finetune", "infer", "leverage", "measure_latency", "prune"]
 
 logger = logging.getLogger(__name__)
+
+
+def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
+    for i, token in enumerate(argv):
+        value = None
+        if token == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith("--config_file="):
+            value = token.split("=", 1)[1]
+        if value is not None:
+            parsed = ast.literal_eval(value) if value.strip().startswith("[") else value
+            return [str(v) for v in (parsed if isinstance(parsed, (list, tuple)) else [parsed])]
+    return []
+
+
+def _top_level_keys(path: str | Path) -> set[str]:
+    content = yaml.safe_load(Path(path).read_text()) or {}
+    return {str(k).lstrip("+") for k in content} if isinstance(content, dict) else set()
+
+
+def check_preset_keys(argv: Sequence[str] | None = None) -> None:
+    """Refuse presets (config files after the workflow's own) that set keys no bundle workflow knows.
+
+    MONAI merges unknown keys silently, so a typo such as ``head_sparsty`` would otherwise be ignored. The known
+    keys are the top-level keys of every workflow config beside the first ``--config_file``; the check reads the
+    command line of ``python -m monai.bundle run`` and does nothing when there is no preset.
+
+    Raises:
+        ValueError: naming each preset file and its unknown keys.
+    """
+    files = _config_files_from_argv(list(sys.argv if argv is None else argv))
+    if len(files) < 2:
+        return
+    known = set().union(*(_top_level_keys(p) for p in Path(files[0]).parent.glob("*.yaml")))
+    problems = [f"{preset}: {sorted(unknown)}" for preset in files[1:] if (unknown := _top_level_keys(preset) - known)]
+    if problems:
+        raise ValueError(
+            "unknown keys in preset files (typos?):\n  " + "\n  ".join(problems) + f"\nknown keys: {sorted(known)}"
+        )
 
 
 def prune(**settings: Any) -> dict[str, Any]:

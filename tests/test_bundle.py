@@ -172,3 +172,24 @@ def test_embedded_default_runs_on_shipped_models_and_sample(tmp_path):
     assert report["metrics"]["hippocampus"]["after"]["units"] == "mm, per volume"
     assert report["reduction"]["encoder_params"] > 0.3
     assert report["fisher_samples"]["sam"]["used"] == 4
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_presets_only_use_known_keys(preset):
+    from medcore_monai.workflows import check_preset_keys
+
+    for workflow in ("prune", "evaluate", "export", "infer", "finetune", "leverage"):
+        check_preset_keys(
+            ["run", workflow, "--config_file", f"['{CONFIGS / workflow}.yaml','{REPO / 'configs' / preset}']"]
+        )
+
+
+def test_a_preset_typo_fails_before_any_work(tmp_path):
+    from medcore_monai.workflows import check_preset_keys
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("head_sparsty: 0.2\n+imports: []\nmlp_sparsity: 0.5\n")
+    with pytest.raises(ValueError, match=r"mine.yaml: \['head_sparsty'\]"):
+        check_preset_keys(["--config_file", f"['{CONFIGS / 'prune.yaml'}','{preset}']"])
+    check_preset_keys(["--config_file", str(CONFIGS / "prune.yaml")])  # no preset: nothing to check
+    check_preset_keys([])
