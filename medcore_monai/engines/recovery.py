@@ -71,15 +71,19 @@ class TeacherOutputs:
 
     @torch.no_grad()
     def precompute(self, samples: Sequence[Mapping[str, Any]], device: torch.device | str) -> None:
-        """Fill the cache for ``samples`` (preprocessed dicts with ``image``, ``box`` and a unique ``name``)."""
+        """Fill the cache for ``samples`` (preprocessed dicts with ``image``, ``box`` and a unique ``name``).
+
+        Without caching the live teacher answers every call, so only its device is set.
+        """
         self.teacher.to(device)
+        if not self.cache:
+            return
         for sample in samples:
             images = plain_tensor(sample["image"], device).float()[None]
             boxes = plain_tensor(sample["box"], device).float()[None]
             emb, logits = self._run(images, boxes)
             self._store[str(sample["name"])] = (emb[0], logits[0])
-        if self.cache:
-            self.teacher = None  # outputs are all cached; free the copy
+        self.teacher = None  # outputs are all cached; free the copy
 
     def __call__(self, names: Sequence[str], images: torch.Tensor, boxes: torch.Tensor):
         """Embeddings and logits for a batch, from the cache or the teacher model."""
