@@ -23,7 +23,7 @@ from ..data.datasets import SplitData, dataset_specs, is_volumetric, prepare_spl
 from ..files import atomic_path, write_json_atomic
 from ..losses.recovery import RecoveryLossWeights
 from ..networks import MedSAM, count_parameters, file_sha256, load_sam, save_sam
-from ..networks.structure import encoder_flops, measure_flops
+from ..networks.structure import measure_flops
 from ..pruning.cascade import CascadeConfig, CascadeResult, run_cascade
 from .evaluation import evaluate_items, summarise
 from .recovery import RecoveryConfig
@@ -130,11 +130,13 @@ class PruneSettings:
 def model_cost(model: MedSAM) -> dict[str, int]:
     """Parameters and measured FLOPs (batch 1, one box) of the encoder and of the whole model."""
     size = model.img_size
-    total_flops, _ = measure_flops(model, torch.zeros(1, 3, size, size), torch.tensor([[0.0, 0.0, size / 2, size / 2]]))
+    box = torch.tensor([[0.0, 0.0, size / 2, size / 2]])
+    total_flops, per_module = measure_flops(model, torch.zeros(1, 3, size, size), box)
     return {
         "encoder_params": count_parameters(model.image_encoder),
         "total_params": count_parameters(model),
-        "encoder_flops": encoder_flops(model.image_encoder),
+        # one counted forward gives both; the encoder's share is its submodule entry
+        "encoder_flops": per_module[f"{type(model).__name__}.image_encoder"],
         "total_flops": total_flops,
     }
 
