@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from monai.data import DataLoader
 from PIL import Image
 
 from .data.datasets import (
@@ -289,24 +288,33 @@ def finetune(
 
     Uses the split manifest of the pruning run when given (so its test split stays unseen), otherwise
     makes the standard seeded split. Writes ``checkpoint_best.pth``, ``checkpoint_latest.pth``,
-    ``history.json`` and ``splits.json``.
+    ``history.json`` and ``splits.json``. Under ``torchrun`` each process trains on its shard of the data
+    with DDP.
     """
     problems = _problems_for_inputs(checkpoint, data_roots)
     if split_manifest is not None and not Path(split_manifest).is_file():
         problems.append(f"split_manifest not found: {split_manifest}")
     _fail_early(problems, "fine-tuning")
     from .data.cache import build_dataset
+    from .engines.distributed import (
+        distributed_loader,
+        initialise_from_environment,
+        is_main_process,
+        process_device,
+    )
     from .engines.finetune import finetune as run_finetune
     from .transforms import medsam_preprocess
 
-    device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    initialise_from_environment()
+    device_t = process_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = MedSAM(load_sam(checkpoint))
     data = prepare_splits(
         dataset_specs(data_roots, dataset_names, label_value), seed=seed, manifest_path=split_manifest
     )
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    data.manifest.save(output / "splits.json")
+    if is_main_process():
+        data.manifest.save(output / "splits.json")
     train_items = [i for name in data.items for i in data.split(name, "train")][:max_train_images]
     val_items = [i for name in data.items for i in data.split(name, "val")][:max_train_images]
     train_transform = medsam_preprocess(model.img_size, bbox_shift, seed, deterministic=False, label_value=label_value)
@@ -314,8 +322,8 @@ def finetune(
     val_ds = preprocess_split(val_items, model.img_size, bbox_shift, seed, label_value)
     result = run_finetune(
         model,
-        DataLoader(train_ds, batch_size=batch_size, shuffle=True),
-        DataLoader(val_ds, batch_size=batch_size),
+        distributed_loader(train_ds, batch_size, shuffle=True, seed=seed),
+        distributed_loader(val_ds, batch_size, shuffle=False, seed=seed),
         output,
         epochs=epochs,
         lr=lr,

@@ -198,3 +198,29 @@ def test_clipping_under_amp_unscales_first():
     assert float(layer.weight.grad.norm()) == pytest.approx(1.0, rel=1e-4)
     scaler.step(optimizer)  # must not unscale a second time
     assert float((before - layer.weight.detach()).norm()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_decoder_only_finetuning_leaves_encoder_and_flags_untouched(samples, tmp_path):
+    model = _fresh_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.image_encoder.blocks[0].mlp.lin1.weight.requires_grad_(False)  # a caller's own flag survives
+    train, val = _loaders(samples, 2)
+    finetune(model, train, val, tmp_path, epochs=1, lr=LR, patience=0, progress=False, trainable=("mask_decoder",))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mask_decoder.") for k in changed)
+    assert not any(k.startswith("mask_decoder.iou_prediction_head.") for k in changed)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags["image_encoder.blocks.0.mlp.lin1.weight"] is False
+    assert all(v for n, v in flags.items() if n != "image_encoder.blocks.0.mlp.lin1.weight")
+
+
+def test_unknown_or_empty_trainable_modules_are_refused(samples, tmp_path):
+    train, val = _loaders(samples, 2)
+    with pytest.raises(ValueError, match="unknown trainable modules"):
+        finetune(_fresh_model(), train, val, tmp_path, epochs=1, progress=False, trainable=("decoder",))
+    model = _fresh_model()
+    for p in model.mask_decoder.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        finetune(model, train, val, tmp_path, epochs=1, progress=False, trainable=("mask_decoder",))

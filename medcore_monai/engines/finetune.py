@@ -1,8 +1,8 @@
 """Optional fine-tuning of a (pruned) MedSAM with MONAI's SupervisedTrainer, resumable epoch by epoch.
 
 Loss: squared-denominator soft Dice + mean BCE-with-logits on the decoder's low-resolution logits vs
-``label_lowres``. AdamW over the image encoder and mask decoder (the prompt encoder is frozen), a
-per-epoch cosine schedule from ``lr`` to ``0.01 * lr``, gradient-norm clipping, AMP on CUDA only,
+``label_lowres``. AdamW over the image encoder and mask decoder by default (``trainable``; the IoU
+head is frozen), a per-epoch cosine schedule from ``lr`` to ``0.01 * lr``, gradient-norm clipping, AMP on CUDA only,
 early stopping and best-model selection on the validation loss.
 
 Files in ``output_dir``:
@@ -12,6 +12,12 @@ Files in ``output_dir``:
 * ``checkpoint_latest.pth``: the training state after the last completed epoch (network, optimizer,
   scheduler, trainer, early stopping, history, and the AMP scaler when used) for ``resume``;
 * ``history.json``: per-epoch train / validation loss and learning rate.
+
+Under several processes (``torchrun``, ``idist.Parallel``) the network trains wrapped in
+``DistributedDataParallel``; give each process its shard of the data (e.g.
+:func:`~medcore_monai.engines.distributed.distributed_loader`). Ignite's metrics average the losses over
+all processes, so every process takes the same early-stopping and best-model decisions, and only the
+main process writes the files.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ from ..losses import soft_dice_loss
 from ..networks import MedSAM, load_state_dict_strict, read_checkpoint, save_sam
 from ..networks.checkpoint import atomic_torch_save
 from .common import prepare_medsam_batch
+from .distributed import data_parallel, is_main_process, synchronise
 
 __all__ = [
     "BEST_CHECKPOINT",
@@ -138,7 +145,8 @@ class _AtomicSaver(BaseSaveHandler):
         self.dirname = dirname
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        atomic_torch_save(dict(checkpoint), self.dirname / filename)
+        if is_main_process():  # every process holds the same state; one file
+            atomic_torch_save(dict(checkpoint), self.dirname / filename)
 
     def remove(self, filename: str) -> None:
         """Nothing to do: the next save replaces the file atomically."""
@@ -160,11 +168,21 @@ def _use_amp(amp: bool, device: torch.device) -> bool:
     return amp
 
 
-def _trainable_parameters(model: MedSAM) -> list[nn.Parameter]:
-    """Encoder and mask-decoder parameters; the prompt encoder stays frozen."""
-    for p in model.prompt_encoder.parameters():
-        p.requires_grad_(False)
-    return [p for p in model.parameters() if p.requires_grad]
+def _freeze_outside(model: MedSAM, trainable: Sequence[str]) -> None:
+    """Freeze every parameter outside the ``trainable`` submodules, and the IoU head.
+
+    Inside them the current flags stay, so a caller's own freezing (e.g. an SVD adaptation that trains
+    only singular-value scales) is kept. The IoU head never reaches the segmentation loss: leaving it
+    trainable would only give DDP parameters without gradients.
+    """
+    unknown = [name for name in trainable if not hasattr(model, name)]
+    if unknown:
+        choices = "image_encoder, prompt_encoder, mask_decoder"
+        raise ValueError(f"unknown trainable modules {unknown}; choose from {choices}")
+    for name, param in model.named_parameters():
+        inside = any(name.startswith(f"{prefix}.") for prefix in trainable)
+        if not inside or name.startswith("mask_decoder.iou_prediction_head."):
+            param.requires_grad_(False)
 
 
 def _loss_metric_value(output: Mapping[str, Any]) -> torch.Tensor:
@@ -229,6 +247,7 @@ def finetune(
     seed: int = 0,
     max_grad_norm: float = MAX_GRAD_NORM,
     restore_best: bool = True,
+    trainable: Sequence[str] = ("image_encoder", "mask_decoder"),
 ) -> dict[str, Any]:
     """Fine-tune a (pruned) MedSAM on box-prompted batches and keep the best model by validation loss.
 
@@ -238,8 +257,8 @@ def finetune(
     groups get exactly zero gradient (a slimmed model has nothing to enforce).
 
     Args:
-        model: the network, trained in place (prompt encoder frozen; its ``requires_grad`` flags are
-            restored at the end).
+        model: the network, trained in place (only the ``trainable`` modules; every ``requires_grad``
+            flag is restored at the end).
         train_loader: training batches.
         val_loader: validation batches; ``None`` monitors the training loss instead.
         output_dir: where the checkpoints and ``history.json`` go.
@@ -256,6 +275,8 @@ def finetune(
             resumed run identical to an uninterrupted one.
         max_grad_norm: gradient-norm clipping threshold (after unscaling under AMP).
         restore_best: load the best checkpoint's weights into ``model`` at the end.
+        trainable: the submodules to train (the IoU head is always frozen). ``("mask_decoder",)`` is
+            RobustMedSAM's decoder-only fine-tuning.
 
     Returns:
         ``{"history", "best_checkpoint", "best_epoch", "best_loss", "latest_checkpoint", "stopped_early",
@@ -275,13 +296,14 @@ def finetune(
     output_dir.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(device)
     amp = _use_amp(amp, device)
-    frozen_flags = [p.requires_grad for p in model.prompt_encoder.parameters()]
+    flags = [p.requires_grad for p in model.parameters()]
+    _freeze_outside(model, trainable)
     try:
         return _FinetuneRun(
             model, train_loader, val_loader, output_dir, epochs, lr, weight_decay, patience, amp, device, progress
         ).run(resume=resume, seed=seed, max_grad_norm=max_grad_norm, restore_best=restore_best)
     finally:
-        for p, flag in zip(model.prompt_encoder.parameters(), frozen_flags):
+        for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
 
 
@@ -307,7 +329,9 @@ class _FinetuneRun:
         self.epochs = epochs
         self.patience = patience
         self.progress = progress
-        self.parameters = _trainable_parameters(model)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("nothing to train: every parameter of the trainable modules is frozen")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
         self.scheduler = _cosine_scheduler(self.optimizer, epochs)
         self.scaler = torch.amp.GradScaler("cuda") if amp else None
@@ -316,14 +340,18 @@ class _FinetuneRun:
             device=device,
             max_epochs=epochs,
             train_data_loader=train_loader,
-            network=model,
+            network=data_parallel(model, device),
             optimizer=self.optimizer,
             loss_function=finetune_loss,
             prepare_batch=prepare_medsam_batch,
             amp=amp,
             decollate=False,
         )
-        self.evaluator = _build_evaluator(model, val_loader, device, amp, progress) if val_loader is not None else None
+        self.evaluator = (
+            _build_evaluator(model, val_loader, device, amp, progress and is_main_process())
+            if val_loader is not None
+            else None
+        )
         self.early_stopping = (
             EarlyStopping(patience, score_function=lambda _: -self.record.last_monitored, trainer=self.trainer)
             if patience > 0
@@ -375,7 +403,7 @@ class _FinetuneRun:
             self._to_save(), _AtomicSaver(self.output_dir), n_saved=1, filename_pattern=LATEST_CHECKPOINT
         )
         trainer.add_event_handler(Events.EPOCH_COMPLETED, latest)
-        if self.progress:
+        if self.progress and is_main_process():
             ProgressBar(persist=False, desc="finetune").attach(trainer, output_transform=_loss_metric_value)
 
     def _install_scaler(self, engine: SupervisedTrainer) -> None:
@@ -397,9 +425,10 @@ class _FinetuneRun:
             "monitored_loss": monitored,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
-        if self.record.add(entry):
+        if self.record.add(entry) and is_main_process():
             save_sam(self.model, self.best_path, metadata={"epoch": epoch, "monitored_loss": monitored})
-        self._write_history()
+        if is_main_process():
+            self._write_history()
         logger.info(
             "epoch %d/%d: train loss %.4f, validation loss %s, lr %.3g%s",
             epoch,
@@ -447,7 +476,9 @@ class _FinetuneRun:
 
     def run(self, resume: bool, seed: int, max_grad_norm: float, restore_best: bool) -> dict[str, Any]:
         """Train (or resume) and return the summary described in :func:`finetune`."""
-        if resume and self.latest_path.is_file():
+        found = resume and self.latest_path.is_file()
+        synchronise()  # every process decides before any of them writes a newer checkpoint
+        if found:
             self._resume()
         if self._nothing_left():
             logger.info(
@@ -458,6 +489,7 @@ class _FinetuneRun:
         else:
             self._attach_handlers(seed, max_grad_norm)
             self.trainer.run()
+        synchronise()  # the main process wrote the best checkpoint that every process reads back
         if restore_best and self.best_path.is_file():
             load_state_dict_strict(self.model, read_checkpoint(self.best_path)["state_dict"], str(self.best_path))
         return {

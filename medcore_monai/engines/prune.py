@@ -25,6 +25,7 @@ from ..losses.recovery import RecoveryLossWeights
 from ..networks import MedSAM, count_parameters, file_sha256, load_sam, save_sam
 from ..networks.structure import measure_flops
 from ..pruning.cascade import CascadeConfig, CascadeResult, run_cascade
+from .distributed import initialise_from_environment, is_main_process, process_device, synchronise
 from .evaluation import evaluate_items, summarise
 from .recovery import RecoveryConfig
 
@@ -209,9 +210,10 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
     """
     settings = PruneSettings.from_mapping(settings_kwargs)
     _check_inputs(settings)
+    initialise_from_environment()
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
-    device = torch.device(settings.device)
+    device = process_device(settings.device)
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -225,7 +227,8 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
         cal_size=settings.cal_size,
         manifest_path=settings.split_manifest,
     )
-    data.manifest.save(output_dir / "splits.json")
+    if is_main_process():
+        data.manifest.save(output_dir / "splits.json")
     timing: dict[str, float] = {"load": time.perf_counter() - start}
 
     t0 = time.perf_counter()
@@ -268,15 +271,21 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
         "recovery": {stage: {"steps": log["steps"], "losses": log["losses"]} for stage, log in result.recovery.items()},
         "timing": timing,
     }
-    checkpoint = save_sam(model, output_dir / "model_pruned.pt", metadata={"prune_report": "report.json"})
-    report["outputs"] = {"checkpoint": checkpoint.name, "scores": "scores.npz", "report_md": "report.md"}
-    _save_scores(output_dir / "scores.npz", result)
+    report["outputs"] = {"checkpoint": "model_pruned.pt", "scores": "scores.npz", "report_md": "report.md"}
     timing["total"] = time.perf_counter() - start
+    if is_main_process():  # every process holds the same pruned model and report
+        _write_outputs(model, report, result, output_dir)
+    synchronise()
+    logger.info("pruning finished in %.1f s; outputs in %s", timing["total"], output_dir)
+    return report
+
+
+def _write_outputs(model: MedSAM, report: dict[str, Any], result: CascadeResult, output_dir: Path) -> None:
+    save_sam(model, output_dir / report["outputs"]["checkpoint"], metadata={"prune_report": "report.json"})
+    _save_scores(output_dir / "scores.npz", result)
     dense_config = model.medcore_config
     _write_markdown(report, result, output_dir, (dense_config.num_heads, dense_config.mlp_dim))
     write_json_atomic(output_dir / "report.json", report)
-    logger.info("pruning finished in %.1f s; outputs in %s", timing["total"], output_dir)
-    return report
 
 
 def _write_markdown(report: dict[str, Any], result: CascadeResult, output_dir: Path, dense: tuple[int, int]) -> None:

@@ -4,6 +4,11 @@ The student's image encoder is trained (prompt encoder and mask decoder frozen) 
 images with :func:`medcore_monai.losses.recovery_loss` against a teacher: the model as it was at the
 start of the pruning run. Images are drawn with replacement, in proportion to their boundary
 complexity, from an explicitly seeded generator; every call gets a fresh AdamW.
+
+Under several processes (``torchrun``, ``idist.Parallel``) each process draws its own images (the
+sampler's seed is offset by the rank) and the student runs wrapped in ``DistributedDataParallel``, so the
+gradients of all processes are averaged and the replicas stay identical: the effective batch is
+``batch_size x world size``. Ignite's ``Checkpoint`` writes from the main process only.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -25,6 +31,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from ..losses.recovery import RecoveryLossWeights, boundary_complexity, recovery_loss
 from .common import plain_tensor, prepare_medsam_batch
+from .distributed import data_parallel, is_main_process, synchronise
 
 __all__ = ["RecoveryConfig", "TeacherOutputs", "recover", "freeze_for_recovery"]
 
@@ -120,7 +127,19 @@ def _names(batch: Mapping[str, Any]) -> list[str]:
     return [str(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
 
 
-def _iteration(model: nn.Module, teacher: TeacherOutputs, config: RecoveryConfig):
+class _EncodeDecode(nn.Module):
+    """Embeddings and logits in one ``forward``, so DDP sees (and synchronises) the whole training pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.model.encode(images)
+        return embedding, self.model.decode(embedding, boxes)
+
+
+def _iteration(network: nn.Module, teacher: TeacherOutputs, config: RecoveryConfig):
     def step(engine: SupervisedTrainer, batch: Mapping[str, Any]) -> dict[str, Any]:
         device = engine.state.device
         images, target_low, (boxes,), _ = prepare_medsam_batch(batch, device, engine.non_blocking)
@@ -128,8 +147,7 @@ def _iteration(model: nn.Module, teacher: TeacherOutputs, config: RecoveryConfig
         teacher_emb, teacher_logits = teacher(_names(batch), images, boxes)
         engine.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-            embedding = model.encode(images)
-            logits = model.decode(embedding, boxes)
+            embedding, logits = network(images, boxes)
         terms = recovery_loss(
             logits.float(), target_full, target_low, embedding.float(), teacher_emb, teacher_logits, config.loss
         )
@@ -182,7 +200,8 @@ def recover(
     loader = DataLoader(
         list(samples),
         batch_size=config.batch_size,
-        sampler=_sampler(samples, config.steps * config.batch_size, config.seed),
+        # each process draws its own images; DDP averages their gradients
+        sampler=_sampler(samples, config.steps * config.batch_size, config.seed + idist.get_rank()),
     )
     trainer = SupervisedTrainer(
         device=device,
@@ -193,14 +212,14 @@ def recover(
         loss_function=nn.Identity(),  # the iteration computes the recovery loss itself
         epoch_length=config.steps,
         prepare_batch=prepare_medsam_batch,
-        iteration_update=_iteration(model, teacher, config),
+        iteration_update=_iteration(data_parallel(_EncodeDecode(model), device), teacher, config),
     )
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[Keys.LOSS]))
     if checkpoint_dir is not None and _attach_checkpoint(trainer, model, optimizer, Path(checkpoint_dir)):
         model.eval()
         return {"steps": config.steps, "losses": [], "resumed_completed": True}
-    if progress:
+    if progress and is_main_process():
         from ignite.handlers import ProgressBar
 
         ProgressBar(desc=description, persist=False).attach(trainer, output_transform=lambda out: out[Keys.LOSS])
@@ -217,6 +236,9 @@ def _attach_checkpoint(trainer: SupervisedTrainer, model: nn.Module, optimizer, 
     trainer.add_event_handler(Events.COMPLETED, handler)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, trainer.state.epoch_length // 4)), handler)
     existing = sorted(folder.glob("recovery_checkpoint_*.pt"))
+    # no process may write a checkpoint before every process has looked for one, or they would resume
+    # from different iterations (and DDP would hang or fail)
+    synchronise()
     if existing:
         state = torch.load(existing[-1], map_location="cpu", weights_only=True)
         Checkpoint.load_objects(objects, state)

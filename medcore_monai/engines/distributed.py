@@ -1,0 +1,109 @@
+"""Multi-process training through Ignite's ``idist`` (``torchrun`` / ``idist.Parallel``), one helper per concern.
+
+With a single process every helper is a no-op, so the engines run unchanged. Under several processes:
+
+* trainable networks are wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which averages
+  gradients across processes in the backward pass;
+* each process draws its own data (a ``DistributedSampler`` shard or a rank-offset random seed);
+* only the main process writes files; the others wait at a barrier where they must read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import ignite.distributed as idist
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = [
+    "data_parallel",
+    "initialise_from_environment",
+    "process_device",
+    "distributed_loader",
+    "is_main_process",
+    "main_process_only",
+    "synchronise",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+
+def initialise_from_environment() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment, once.
+
+    ``python -m monai.bundle run`` knows nothing about ``torchrun``; the workflows call this first so
+    ``torchrun --nproc_per_node N -m monai.bundle run prune ...`` trains on N processes (NCCL on GPUs,
+    gloo on CPUs). Returns whether the run is distributed.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and idist.get_world_size() == 1:
+        idist.initialize("nccl" if torch.cuda.is_available() else "gloo")
+    return idist.get_world_size() > 1
+
+
+def process_device(device: str | torch.device) -> torch.device:
+    """The device of this process: a requested ``cuda`` becomes this process's own GPU when distributed."""
+    device = torch.device(device)
+    if device.type == "cuda" and world_size() > 1:
+        return idist.device()
+    return device
+
+
+def world_size() -> int:
+    """Number of processes of the run (1 when not distributed)."""
+    return idist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files and logs progress (rank 0)."""
+    return idist.get_rank() == 0
+
+
+def synchronise() -> None:
+    """Wait for every process (no-op when not distributed)."""
+    if world_size() > 1:
+        idist.barrier()
+
+
+def main_process_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Run ``fn`` on the main process only, then let every process continue together."""
+    result = fn(*args, **kwargs) if is_main_process() else None
+    synchronise()
+    return result
+
+
+def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` itself, or wrapped for gradient averaging when several processes train it.
+
+    Only the wrapper's ``forward`` triggers DDP's gradient synchronisation, so callers must run the
+    training forward pass through the returned module.
+    """
+    if world_size() == 1:
+        return module
+    if device.type != "cuda":
+        return nn.parallel.DistributedDataParallel(module)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return nn.parallel.DistributedDataParallel(module, device_ids=[index])
+
+
+def distributed_loader(
+    dataset: Dataset | Sequence[Any], batch_size: int, shuffle: bool, seed: int, **kwargs: Any
+) -> DataLoader:
+    """A MONAI ``DataLoader`` over this process's shard (``DistributedSampler``) or over everything.
+
+    MONAI's workflows set a ``DistributedSampler``'s epoch at each epoch start, so shuffles differ
+    between epochs and a resumed run draws what an uninterrupted one would.
+    """
+    from monai.data import DataLoader as MonaiDataLoader
+
+    if world_size() == 1:
+        return MonaiDataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size(), rank=idist.get_rank(), shuffle=shuffle, seed=seed, drop_last=False
+    )
+    return MonaiDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)

@@ -1,0 +1,93 @@
+"""Recovery and fine-tuning under two processes (gloo on CPU): DDP keeps the replicas identical."""
+
+from __future__ import annotations
+
+import json
+
+import ignite.distributed as idist
+import pytest
+import torch
+
+from medcore_monai.engines.distributed import distributed_loader, world_size
+from medcore_monai.engines.finetune import finetune
+from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs, recover
+from medcore_monai.networks import MedSAM, build_sam
+
+
+def _samples(n=4):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        label = torch.zeros(1, 256, 256)
+        label[:, 40 + 4 * i : 160, 48 : 176 - 4 * i] = 1
+        out.append(
+            {
+                "image": torch.rand(3, 256, 256, generator=g),
+                "label": label,
+                "label_lowres": label[:, ::4, ::4].clone(),
+                "box": torch.tensor([48.0, 40.0 + 4 * i, 176.0 - 4 * i, 160.0]),
+                "name": f"s{i}",
+            }
+        )
+    return out
+
+
+def _flat_encoder(model: MedSAM) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.image_encoder.parameters()])
+
+
+def _gather_to_file(tensor: torch.Tensor, out_file: str, extra: dict) -> None:
+    gathered = idist.all_gather(tensor[None])
+    if idist.get_rank() == 0:
+        torch.save({"params": gathered, "world": world_size()} | extra, out_file)
+
+
+def _recovery_worker(local_rank, out_file, tmp_dir):
+    model = MedSAM(build_sam("tiny", seed=0))
+    teacher = TeacherOutputs(model, cache=False)
+    teacher.precompute(_samples(), "cpu")
+    torch.manual_seed(idist.get_rank())  # the ranks must not agree by accident
+    with torch.no_grad():
+        for p in model.image_encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    # DDP broadcasts rank 0's weights at wrap time, so all ranks start from the same student
+    log = recover(model, teacher, _samples(), RecoveryConfig(steps=3, lr=1e-3), "cpu", tmp_dir, progress=False)
+    _gather_to_file(_flat_encoder(model), out_file, {"losses": log["losses"]})
+
+
+def _finetune_worker(local_rank, out_file, tmp_dir):
+    model = MedSAM(build_sam("tiny", seed=0))
+    loader = distributed_loader(_samples(), batch_size=1, shuffle=True, seed=0)
+    result = finetune(
+        model, loader, distributed_loader(_samples(2), 1, False, 0), tmp_dir, epochs=2, lr=1e-3, progress=False
+    )
+    _gather_to_file(_flat_encoder(model), out_file, {"iterations": len(loader), "epochs": result["epochs_completed"]})
+
+
+@pytest.mark.slow
+def test_two_process_recovery_keeps_replicas_identical(tmp_path):
+    out_file = tmp_path / "recovery.pt"
+    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+        parallel.run(_recovery_worker, str(out_file), str(tmp_path / "ckpt"))
+    result = torch.load(out_file, weights_only=True)
+    params = result["params"]
+    assert result["world"] == 2 and len(result["losses"]) == 3
+    start = _flat_encoder(MedSAM(build_sam("tiny", seed=0)))
+    # each rank drew different images: without gradient averaging the replicas would differ
+    assert torch.equal(params[0], params[1])
+    assert not torch.allclose(params[0], start)
+    assert len(list((tmp_path / "ckpt").glob("recovery_checkpoint_*.pt"))) == 1
+
+
+@pytest.mark.slow
+def test_two_process_finetune_shards_data_and_writes_once(tmp_path):
+    out_file = tmp_path / "finetune.pt"
+    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+        parallel.run(_finetune_worker, str(out_file), str(tmp_path / "ft"))
+    result = torch.load(out_file, weights_only=True)
+    assert result["world"] == 2 and result["epochs"] == 2
+    assert result["iterations"] == 2  # 4 samples split over 2 processes
+    assert torch.equal(result["params"][0], result["params"][1])
+    history = json.loads((tmp_path / "ft" / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert (tmp_path / "ft" / "checkpoint_best.pth").is_file()
