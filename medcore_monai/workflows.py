@@ -283,6 +283,8 @@ def finetune(
     label_value: int | None = None,
     max_train_images: int | None = None,
     progress: bool = True,
+    trainable_modules: Sequence[str] = ("image_encoder", "mask_decoder"),
+    tensorboard_dir: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a (pruned, compact) model on the training split with validation-loss early stopping.
 
@@ -333,6 +335,8 @@ def finetune(
         device=device_t,
         progress=progress,
         seed=seed,
+        trainable=tuple(trainable_modules),
+        tensorboard_dir=tensorboard_dir,
     )
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
 

@@ -205,7 +205,19 @@ def test_decoder_only_finetuning_leaves_encoder_and_flags_untouched(samples, tmp
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.image_encoder.blocks[0].mlp.lin1.weight.requires_grad_(False)  # a caller's own flag survives
     train, val = _loaders(samples, 2)
-    finetune(model, train, val, tmp_path, epochs=1, lr=LR, patience=0, progress=False, trainable=("mask_decoder",))
+    finetune(
+        model,
+        train,
+        val,
+        tmp_path,
+        epochs=1,
+        lr=LR,
+        patience=0,
+        progress=False,
+        trainable=("mask_decoder",),
+        tensorboard_dir=tmp_path / "tb",
+    )
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2  # trainer and validation
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("mask_decoder.") for k in changed)

@@ -83,6 +83,34 @@ def test_prune_run_on_png_folder(checkpoints, png_dataset, tmp_path):
     assert report["inputs"]["medsam_ckpt"]["sha256"] and report["fisher_samples"]["sam"]["used"] == 3
 
 
+def test_prune_run_reports_stages_leverage_and_tensorboard(checkpoints, png_dataset, tmp_path):
+    out = tmp_path / "run"
+    settings = _settings(
+        checkpoints,
+        [png_dataset],
+        out,
+        leverage=True,
+        leverage_head_levels=[0.3, 0.6],
+        leverage_mlp_levels=[0.3, 0.6],
+        leverage_samples=2,
+        tensorboard_dir=str(out / "tb"),
+    )
+    report = run_prune(**settings)
+    stages = report["stages"]
+    assert [s["stage"] for s in stages] == ["dense", "after heads", "after mlp"]
+    params = [s["encoder_params"] for s in stages]
+    assert params[0] > params[1] > params[2] == report["cost"]["after"]["encoder_params"]
+    assert stages[2]["bf1"] == report["metrics"]["macro"]["after"]["bf1"]
+    assert math.isfinite(report["leverage"]["summary"]["blr95"])
+    assert report["leverage"]["grid"]["head_levels"] == [0.3, 0.6]
+    text = (out / "report.md").read_text()
+    for image in ("budget_curve.png", "leverage/leverage_histogram.png", "kept_per_block.png"):
+        assert (out / image).is_file() and f"]({image})" in text, image
+    assert "Cascade stages" in text and "BLR95 =" in text
+    events = list((out / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 2  # one writer per recovery stage
+
+
 def test_prune_run_fails_early_with_every_problem_listed(checkpoints, tmp_path):
     with pytest.raises(ValueError) as err:
         run_prune(**_settings(checkpoints, [tmp_path / "missing"], tmp_path / "o", sam_ckpt=None))

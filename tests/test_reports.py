@@ -205,3 +205,21 @@ def test_markdown_link_to_image_outside_report_folder(tmp_path):
     plot_kept_per_block([1], 1, [1], 1, image)
     text = render_report_markdown({}, tmp_path / "reports" / "run1", images={"Budget": image})
     assert "![Budget](../../plots/budget%20curves.png)" in text
+
+
+def test_markdown_stages_leverage_and_measured_total(tmp_path):
+    report = {
+        "stages": [
+            {"stage": "dense", "encoder_params": 3_520_576, "encoder_flops": 2.16e9, "dice": 0.5, "bf1": 0.4}
+            | {"hd95": 9.0},
+            {"stage": "after heads", "encoder_params": 3_076_480, "encoder_flops": 1.74e9, "dice": 0.49, "bf1": 0.41},
+        ],
+        "leverage": {"summary": {"blr95": 4.2, "ci_low": 2.5, "ci_high": 5.75}},
+        "timing": {"load": 1.0, "cascade": 10.0, "total": 12.5},
+    }
+    text = write_report_markdown(report, tmp_path / "report.md").read_text()
+    assert "| dense | 3.52 M | 2.16 G | 0.5000 | 0.4000 | 9.00 |" in text
+    assert "| after heads | 3.08 M | 1.74 G | 0.4900 | 0.4100 | – |" in text
+    assert "BLR95 = 4.20 (bootstrap 95 % CI 2.50 to 5.75)" in text
+    # the measured total wins over the sum of the stages, and appears once
+    assert "| **total** | 12.5 |" in text and "| total |" not in text

@@ -41,6 +41,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from ..files import write_json_atomic
+from ..handlers.tensorboard import attach_tensorboard
 from ..losses import soft_dice_loss
 from ..networks import MedSAM, load_state_dict_strict, read_checkpoint, save_sam
 from ..networks.checkpoint import atomic_torch_save
@@ -248,6 +249,7 @@ def finetune(
     max_grad_norm: float = MAX_GRAD_NORM,
     restore_best: bool = True,
     trainable: Sequence[str] = ("image_encoder", "mask_decoder"),
+    tensorboard_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a (pruned) MedSAM on box-prompted batches and keep the best model by validation loss.
 
@@ -277,6 +279,7 @@ def finetune(
         restore_best: load the best checkpoint's weights into ``model`` at the end.
         trainable: the submodules to train (the IoU head is always frozen). ``("mask_decoder",)`` is
             RobustMedSAM's decoder-only fine-tuning.
+        tensorboard_dir: log the training loss per iteration and the epoch losses there.
 
     Returns:
         ``{"history", "best_checkpoint", "best_epoch", "best_loss", "latest_checkpoint", "stopped_early",
@@ -301,7 +304,13 @@ def finetune(
     try:
         return _FinetuneRun(
             model, train_loader, val_loader, output_dir, epochs, lr, weight_decay, patience, amp, device, progress
-        ).run(resume=resume, seed=seed, max_grad_norm=max_grad_norm, restore_best=restore_best)
+        ).run(
+            resume=resume,
+            seed=seed,
+            max_grad_norm=max_grad_norm,
+            restore_best=restore_best,
+            tensorboard_dir=tensorboard_dir,
+        )
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
@@ -384,6 +393,15 @@ class _FinetuneRun:
         return objects
 
     # ----------------------------------------------------------------- handlers
+
+    def _attach_tensorboard(self, log_dir: str | os.PathLike) -> None:
+        loss = lambda out: float(_loss_metric_value(out))  # noqa: E731
+        attach_tensorboard(self.trainer, log_dir, "finetune", loss, epoch_log=True)
+        if self.evaluator is not None:
+            attach_tensorboard(self.evaluator, log_dir, "validation", epoch_log=True, epoch_of=self._trainer_epoch)
+
+    def _trainer_epoch(self, _: int) -> int:
+        return self.trainer.state.epoch
 
     def _attach_handlers(self, seed: int, max_grad_norm: float) -> None:
         # Ignite runs handlers of one event in the order of attachment; the order below is the contract:
@@ -474,7 +492,9 @@ class _FinetuneRun:
     def _nothing_left(self) -> bool:
         return self.trainer.state.epoch >= self.epochs or self._stopped_early()
 
-    def run(self, resume: bool, seed: int, max_grad_norm: float, restore_best: bool) -> dict[str, Any]:
+    def run(
+        self, resume: bool, seed: int, max_grad_norm: float, restore_best: bool, tensorboard_dir=None
+    ) -> dict[str, Any]:
         """Train (or resume) and return the summary described in :func:`finetune`."""
         found = resume and self.latest_path.is_file()
         synchronise()  # every process decides before any of them writes a newer checkpoint
@@ -488,6 +508,8 @@ class _FinetuneRun:
             )
         else:
             self._attach_handlers(seed, max_grad_norm)
+            if tensorboard_dir is not None:
+                self._attach_tensorboard(tensorboard_dir)
             self.trainer.run()
         synchronise()  # the main process wrote the best checkpoint that every process reads back
         if restore_best and self.best_path.is_file():

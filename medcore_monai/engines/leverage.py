@@ -86,15 +86,21 @@ def run_leverage_analysis(
     output_dir: str | Path | None = None,
     n_bootstrap: int = 1000,
     progress: bool = True,
+    precomputed: tuple | None = None,
 ) -> dict[str, Any]:
     """BLR95 of ``model`` on the calibration images (the model is left unchanged).
+
+    ``precomputed`` takes ``score_model``'s ``(scores, details, sensitivity)`` for this model and
+    calibration, so a pruning run that also prunes with them scores only once.
 
     Returns:
         ``{"tau", "summary", "head_steps", "mlp_steps", "grid"}``; with ``output_dir`` also writes
         ``leverage.json`` and ``leverage_histogram.png`` there.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    scores, _, sensitivity = score_model(model, calibration, config, reference_model, device, progress)
+    if precomputed is None:
+        precomputed = score_model(model, calibration, config, reference_model, device, progress)
+    scores, _, sensitivity = precomputed
     samples = [s for group in calibration.values() for s in group]
     gt = torch.stack([plain_tensor(s["label_lowres"])[0] > 0.5 for s in samples]).numpy()
     logits, reduction = leverage_grid_logits(

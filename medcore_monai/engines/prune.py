@@ -82,6 +82,12 @@ class PruneSettings:
     cache: str = "memory"
     amp: bool = False
     progress: bool = True
+    evaluate_stages: bool = True
+    leverage: bool = False
+    leverage_head_levels: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    leverage_mlp_levels: Sequence[float] = (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
+    leverage_samples: int | None = None
+    tensorboard_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -237,8 +243,29 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
     timing["evaluate_before"] = time.perf_counter() - t0
 
     calibration = calibration_samples(model, data, settings)
+    stages = [_stage_row("dense", cost_before, metrics_before)]
+    t0 = time.perf_counter()
+    precomputed, leverage = _leverage_before_pruning(model, calibration, reference, settings, device, output_dir)
+    if leverage is not None:
+        timing["scores_and_leverage"] = time.perf_counter() - t0
+
+    def evaluate_stage(stage: str, pruned: MedSAM) -> None:
+        if settings.evaluate_stages and stage != "mlp":  # the final model is evaluated below anyway
+            t0 = time.perf_counter()
+            stages.append(_stage_row(f"after {stage}", model_cost(pruned), _evaluate(pruned, data, settings, device)))
+            timing[f"evaluate_after_{stage}"] = time.perf_counter() - t0
+
     result = run_cascade(
-        model, calibration, settings.cascade_config(), reference, device, output_dir, settings.progress
+        model,
+        calibration,
+        settings.cascade_config(),
+        reference,
+        device,
+        output_dir,
+        settings.progress,
+        precomputed=precomputed,
+        on_stage=evaluate_stage,
+        tensorboard_dir=settings.tensorboard_dir,
     )
     timing.update({f"cascade_{k}": v for k, v in result.timing.items()})
 
@@ -246,6 +273,7 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
     cost_after = model_cost(model)
     metrics_after = _evaluate(model, data, settings, device)
     timing["evaluate_after"] = time.perf_counter() - t0
+    stages.append(_stage_row("after mlp", cost_after, metrics_after))
 
     report = {
         "config": asdict(settings),
@@ -267,6 +295,8 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
             key: 1.0 - cost_after[key] / cost_before[key] for key in ("encoder_params", "total_params", "encoder_flops")
         },
         "metrics": {d: {"before": metrics_before[d], "after": metrics_after[d]} for d in [*data.items, "macro"]},
+        "stages": stages,
+        "leverage": leverage,
         "fisher_samples": result.fisher_counts,
         "recovery": {stage: {"steps": log["steps"], "losses": log["losses"]} for stage, log in result.recovery.items()},
         "timing": timing,
@@ -288,8 +318,46 @@ def _write_outputs(model: MedSAM, report: dict[str, Any], result: CascadeResult,
     write_json_atomic(output_dir / "report.json", report)
 
 
+def _stage_row(stage: str, cost: Mapping[str, int], metrics: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """One point of the cost-vs-quality curve: the model after a cascade stage, macro metrics."""
+    return {"method": "cascade", "stage": stage, **cost, **{k: v for k, v in metrics["macro"].items() if k != "n"}}
+
+
+def _leverage_before_pruning(
+    model: MedSAM,
+    calibration: Mapping[str, Sequence[Mapping[str, Any]]],
+    reference: MedSAM | None,
+    settings: PruneSettings,
+    device: torch.device,
+    output_dir: Path,
+) -> tuple[tuple | None, dict[str, Any] | None]:
+    """With ``leverage``: score once, measure BLR95 on the dense model, and hand the scores to the cascade."""
+    if not settings.leverage:
+        return None, None
+    from ..pruning.cascade import score_model
+    from .leverage import run_leverage_analysis
+
+    config = settings.cascade_config()
+    precomputed = score_model(model, calibration, config, reference, device, settings.progress)
+    # the grid costs (levels x levels x samples) forward passes: a subset of the calibration images is enough
+    subset = {name: list(group)[: settings.leverage_samples] for name, group in calibration.items()}
+    leverage = run_leverage_analysis(
+        model,
+        subset,
+        config,
+        reference,
+        head_levels=tuple(settings.leverage_head_levels),
+        mlp_levels=tuple(settings.leverage_mlp_levels),
+        device=device,
+        output_dir=output_dir / "leverage" if is_main_process() else None,
+        precomputed=precomputed,
+    )
+    # re-scoring after the head step needs fresh Fisher sums, which precomputed scores cannot give
+    return (None if config.recompute_mlp_scores else precomputed), leverage
+
+
 def _write_markdown(report: dict[str, Any], result: CascadeResult, output_dir: Path, dense: tuple[int, int]) -> None:
-    from ..reports import plot_kept_per_block, plot_score_scatter, write_report_markdown
+    from ..reports import plot_budget_curves, plot_kept_per_block, plot_score_scatter, write_report_markdown
 
     images = {
         "Kept heads and MLP channels per block": plot_kept_per_block(
@@ -300,6 +368,15 @@ def _write_markdown(report: dict[str, Any], result: CascadeResult, output_dir: P
             output_dir / "kept_per_block.png",
         )
     }
+    units = {m["before"]["units"] for d, m in report["metrics"].items() if d != "macro"}
+    unit = "mm" if units == {"mm, per volume"} else "px" if units == {"pixels"} else "px / mm"
+    images["Encoder parameters vs BF1 and HD95 across the cascade"] = plot_budget_curves(
+        report["stages"], output_dir / "budget_curve.png", metrics=("bf1", "hd95"), distance_unit=unit
+    )
+    if report["leverage"] is not None:
+        images[f"Boundary leverage (BLR95 {report['leverage']['summary']['blr95']:.2f})"] = (
+            output_dir / "leverage" / "leverage_histogram.png"
+        )
     if "reset_heads_per_dataset" in result.scores:
         zero = result.scores["zero_heads_per_dataset"].mean(0)
         reset = result.scores["reset_heads_per_dataset"].mean(0)

@@ -29,6 +29,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from ..handlers.tensorboard import attach_tensorboard
 from ..losses.recovery import RecoveryLossWeights, boundary_complexity, recovery_loss
 from .common import plain_tensor, prepare_medsam_batch
 from .distributed import data_parallel, is_main_process, synchronise
@@ -171,6 +172,8 @@ def recover(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     description: str = "recovery",
+    tensorboard_dir: str | Path | None = None,
+    tensorboard_tag: str = "recovery",
 ) -> dict[str, Any]:
     """Run ``config.steps`` recovery iterations on ``model`` (a MedSAM module) in place.
 
@@ -185,6 +188,8 @@ def recover(
             remaining iterations run (resume).
         progress: show a progress bar.
         description: progress bar label.
+        tensorboard_dir: log every loss term per iteration there (``<tensorboard_tag>/<term>``).
+        tensorboard_tag: scalar name prefix.
 
     Returns:
         ``{"steps", "losses"}`` with the per-iteration total loss.
@@ -219,6 +224,8 @@ def recover(
     if checkpoint_dir is not None and _attach_checkpoint(trainer, model, optimizer, Path(checkpoint_dir)):
         model.eval()
         return {"steps": config.steps, "losses": [], "resumed_completed": True}
+    if tensorboard_dir is not None:
+        attach_tensorboard(trainer, tensorboard_dir, tensorboard_tag, _loss_terms)
     if progress and is_main_process():
         from ignite.handlers import ProgressBar
 
@@ -226,6 +233,10 @@ def recover(
     trainer.run()
     model.eval()
     return {"steps": config.steps, "losses": losses}
+
+
+def _loss_terms(output: Mapping[str, Any]) -> dict[str, float]:
+    return {"loss": output[Keys.LOSS]} | {k[len("loss_") :]: v for k, v in output.items() if k.startswith("loss_")}
 
 
 def _attach_checkpoint(trainer: SupervisedTrainer, model: nn.Module, optimizer, folder: Path) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,6 +361,8 @@ def run_cascade(
     output_dir: str | Path | None = None,
     progress: bool = True,
     precomputed: tuple[GroupScores, dict[str, np.ndarray], torch.Tensor] | None = None,
+    on_stage: Callable[[str, nn.Module], None] | None = None,
+    tensorboard_dir: str | Path | None = None,
 ) -> CascadeResult:
     """Prune ``model`` (a :class:`~medcore_monai.networks.MedSAM`) in place.
 
@@ -375,6 +377,9 @@ def run_cascade(
         progress: progress bars.
         precomputed: ``(scores, details, sensitivity)`` from :func:`score_model` on this same model with the
             same calibration data, to prune one model at several budgets without calibrating again.
+        on_stage: called as ``on_stage(stage, model)`` after each step's recovery (``"heads"``, ``"mlp"``),
+            e.g. to evaluate the intermediate model.
+        tensorboard_dir: log the recovery losses there (``recovery_heads/...``, ``recovery_mlp/...``).
     """
     if precomputed is not None and config.recompute_mlp_scores:
         raise ValueError("precomputed scores cannot be combined with recompute_mlp_scores")
@@ -389,7 +394,9 @@ def run_cascade(
         (scores, details, sensitivity), fisher_sam, sam_weights = precomputed, None, None
 
     budgets = [state.plan(scores.heads, None, sensitivity, "heads")]
-    recovery_log = {"heads": state.timed("recovery", _recover, state, teacher, "heads")}
+    recovery_log = {"heads": state.timed("recovery", _recover, state, teacher, "heads", tensorboard_dir)}
+    if on_stage is not None:
+        on_stage("heads", model)
 
     if config.recompute_mlp_scores:
         fishers = state.timed("fisher", state.fisher_per_dataset, "after_heads")
@@ -397,7 +404,9 @@ def run_cascade(
         sensitivity = state.sensitivity(fishers)
         details["mlp_scores_recomputed"] = torch.cat(scores.channels).cpu().numpy()
     budgets.append(state.plan(None, scores.channels, sensitivity, "channels"))
-    recovery_log["mlp"] = state.timed("recovery", _recover, state, teacher, "mlp")
+    recovery_log["mlp"] = state.timed("recovery", _recover, state, teacher, "mlp", tensorboard_dir)
+    if on_stage is not None:
+        on_stage("mlp", model)
 
     blocks = model.image_encoder.blocks
     if config.slim:
@@ -417,7 +426,7 @@ def run_cascade(
     )
 
 
-def _recover(state: _Pruner, teacher: TeacherOutputs, stage: str) -> dict[str, Any]:
+def _recover(state: _Pruner, teacher: TeacherOutputs, stage: str, tensorboard_dir=None) -> dict[str, Any]:
     folder = state.output_dir / f"recovery_{stage}" if state.output_dir is not None else None
     return recover(
         state.model,
@@ -428,4 +437,6 @@ def _recover(state: _Pruner, teacher: TeacherOutputs, stage: str) -> dict[str, A
         checkpoint_dir=folder,
         progress=state.progress,
         description=f"recovery ({stage})",
+        tensorboard_dir=tensorboard_dir,
+        tensorboard_tag=f"recovery_{stage}",
     )

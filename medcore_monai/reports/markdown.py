@@ -180,6 +180,38 @@ def _budget_section(budgets: Any) -> list[str]:
     return ["## Sparsity budgets", "", *_table(("Family", "Requested", "Achieved", "Note"), rows), ""]
 
 
+def _stages_section(stages: Any) -> list[str]:
+    if not isinstance(stages, Sequence) or isinstance(stages, str) or not stages:
+        return []
+    rows = [
+        (
+            entry.get("stage", _MISSING),
+            _scaled(entry.get("encoder_params"), 1e6, "M"),
+            _scaled(entry.get("encoder_flops"), 1e9, "G"),
+            *(_metric(entry.get(name), name) for name in ("dice", "bf1", "hd95")),
+        )
+        for entry in stages
+        if isinstance(entry, Mapping)
+    ]
+    header = ("Stage", "Encoder params", "Encoder FLOPs", "Dice", "BF1", "HD95")
+    return ["## Cascade stages (macro over datasets)", "", *_table(header, rows), ""]
+
+
+def _leverage_section(leverage: Any) -> list[str]:
+    summary = leverage.get("summary") if isinstance(leverage, Mapping) else None
+    if not isinstance(summary, Mapping) or not _is_number(summary.get("blr95")):
+        return []
+    low, high = summary.get("ci_low"), summary.get("ci_high")
+    interval = f" (bootstrap 95 % CI {low:.2f} to {high:.2f})" if _is_number(low) and _is_number(high) else ""
+    return [
+        "## Boundary leverage of the dense model",
+        "",
+        f"BLR95 = {summary['blr95']:.2f}{interval}: how much more a head-pruning step moves boundaries than an "
+        "MLP-pruning step removing the same share of encoder parameters.",
+        "",
+    ]
+
+
 def _format_seconds(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -194,8 +226,10 @@ def _timing_section(timing: Any) -> list[str]:
     stages = [(str(stage), float(seconds)) for stage, seconds in timing.items() if _is_number(seconds)]
     if not stages:
         return []
-    rows = [(stage, f"{seconds:.1f}", _format_seconds(seconds)) for stage, seconds in stages]
-    total = sum(seconds for _, seconds in stages)
+    # a measured wall-clock total beats the sum of the stages (which misses the gaps between them)
+    measured = dict(stages).pop("total", None)
+    rows = [(stage, f"{seconds:.1f}", _format_seconds(seconds)) for stage, seconds in stages if stage != "total"]
+    total = measured if measured is not None else sum(seconds for _, seconds in stages)
     rows.append(("**total**", f"{total:.1f}", _format_seconds(total)))
     return ["## Timing", "", *_table(("Stage", "Seconds", "Duration"), rows), ""]
 
@@ -244,6 +278,8 @@ def render_report_markdown(
     lines += _metrics_section(report.get("metrics"))
     lines += _cost_section(report.get("cost"))
     lines += _budget_section(report.get("budgets"))
+    lines += _stages_section(report.get("stages"))
+    lines += _leverage_section(report.get("leverage"))
     lines += _timing_section(report.get("timing"))
     lines += _images_section(images, Path(folder))
     return "\n".join(lines).rstrip() + "\n"

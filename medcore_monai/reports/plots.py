@@ -33,9 +33,10 @@ _METRIC_LABELS = {
     "dice": "Dice",
     "iou": "IoU",
     "bf1": "Boundary F1",
-    "hd95": "HD95 (px)",
-    "hd95_region": "HD95 region (px)",
+    "hd95": "HD95",
+    "hd95_region": "HD95 region",
 }
+_DISTANCE_METRICS = ("hd95", "hd95_region")
 _AXIS_LABELS = {
     "encoder_params": "Encoder parameters",
     "total_params": "Total parameters",
@@ -208,14 +209,19 @@ def _method_series(rows: Sequence[Mapping[str, Any]], x: str, metric: str) -> di
     return {method: sorted(points) for method, points in series.items()}
 
 
-def _plot_metric(axes, rows: Sequence[Mapping[str, Any]], x: str, metric: str) -> None:
+def _metric_label(metric: str, distance_unit: str) -> str:
+    label = _METRIC_LABELS.get(metric, metric)
+    return f"{label} ({distance_unit})" if metric in _DISTANCE_METRICS else label
+
+
+def _plot_metric(axes, rows: Sequence[Mapping[str, Any]], x: str, metric: str, distance_unit: str) -> None:
     for method, points in _method_series(rows, x, metric).items():
         xs, ys, stds = (np.array(column) for column in zip(*points))
         errors = None if np.isnan(stds).all() else np.nan_to_num(stds)
         axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
     axes.xaxis.set_major_formatter(EngFormatter())
     axes.set_xlabel(_AXIS_LABELS.get(x, x))
-    axes.set_ylabel(_METRIC_LABELS.get(metric, metric))
+    axes.set_ylabel(_metric_label(metric, distance_unit))
     axes.grid(alpha=0.3)
     if axes.lines:
         axes.legend(fontsize=8)
@@ -226,6 +232,7 @@ def plot_budget_curves(
     path: PathLike,
     x: str = "encoder_params",
     metrics: Sequence[str] = ("bf1", "hd95"),
+    distance_unit: str = "px",
 ) -> Path:
     """Cost (parameters or FLOPs) against boundary metrics across budgets, one line per method.
 
@@ -235,6 +242,7 @@ def plot_budget_curves(
         path: Output PNG.
         x: Cost key for the horizontal axis (``encoder_params``, ``encoder_flops``, ...).
         metrics: One panel per metric key.
+        distance_unit: Unit of the HD95 values (``px``, ``mm``, or e.g. ``px / mm`` for a macro mean).
 
     Returns:
         The PNG path.
@@ -244,7 +252,7 @@ def plot_budget_curves(
     figure = Figure(figsize=(5.0 * len(metrics), 4.2), layout="constrained")
     panels = np.atleast_1d(figure.subplots(1, len(metrics)))
     for axes, metric in zip(panels, metrics):
-        _plot_metric(axes, rows, x, metric)
+        _plot_metric(axes, rows, x, metric, distance_unit)
         axes.set_title(f"{_METRIC_LABELS.get(metric, metric)} vs {_AXIS_LABELS.get(x, x).lower()}")
     return save_figure_atomic(figure, path)
 
