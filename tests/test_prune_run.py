@@ -103,6 +103,7 @@ def test_prune_run_reports_stages_leverage_and_tensorboard(checkpoints, png_data
     assert stages[2]["bf1"] == report["metrics"]["macro"]["after"]["bf1"]
     assert math.isfinite(report["leverage"]["summary"]["blr95"])
     assert report["leverage"]["grid"]["head_levels"] == [0.3, 0.6]
+    assert report["fisher_samples"]["sam"]["used"] == 3  # the scores came from before the cascade
     text = (out / "report.md").read_text()
     for image in ("budget_curve.png", "leverage/leverage_histogram.png", "kept_per_block.png"):
         assert (out / image).is_file() and f"]({image})" in text, image

@@ -297,7 +297,8 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
         "metrics": {d: {"before": metrics_before[d], "after": metrics_after[d]} for d in [*data.items, "macro"]},
         "stages": stages,
         "leverage": leverage,
-        "fisher_samples": result.fisher_counts,
+        # scores computed before the cascade (with leverage) carry their own calibration counts
+        "fisher_samples": ((leverage or {}).get("fisher_samples", {}) if precomputed else {}) | result.fisher_counts,
         "recovery": {stage: {"steps": log["steps"], "losses": log["losses"]} for stage, log in result.recovery.items()},
         "timing": timing,
     }
@@ -338,7 +339,8 @@ def _leverage_before_pruning(
     from .leverage import run_leverage_analysis
 
     config = settings.cascade_config()
-    precomputed = score_model(model, calibration, config, reference, device, settings.progress)
+    counts: dict[str, dict[str, int]] = {}
+    precomputed = score_model(model, calibration, config, reference, device, settings.progress, counts)
     # the grid costs (levels x levels x samples) forward passes: a subset of the calibration images is enough
     subset = {name: list(group)[: settings.leverage_samples] for name, group in calibration.items()}
     leverage = run_leverage_analysis(
@@ -352,6 +354,7 @@ def _leverage_before_pruning(
         output_dir=output_dir / "leverage" if is_main_process() else None,
         precomputed=precomputed,
     )
+    leverage["fisher_samples"] = counts
     # re-scoring after the head step needs fresh Fisher sums, which precomputed scores cannot give
     return (None if config.recompute_mlp_scores else precomputed), leverage
 

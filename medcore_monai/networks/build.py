@@ -13,6 +13,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, atomic_torch_save, extract_state_dict, load_state_dict_strict, read_checkpoint
 from .config import PROMPT_EMBED_DIM, SamConfig, get_preset, infer_sam_config
+from .robust_decoder import has_robust_decoder
 from .sam_import import sam_modeling
 from .structure import kept_indices, slim_block_
 
@@ -101,6 +102,9 @@ def load_sam(path: str | os.PathLike, model_type: str = "auto") -> nn.Module:
     Accepts official raw state dicts (``sam_vit_b_01ec64.pth``, ``medsam_vit_b.pth``), dicts holding
     the state dict under ``model`` / ``state_dict`` / ``model_state_dict``, and this project's
     compact checkpoints written by :func:`save_sam`. Pickled whole models are refused.
+    Checkpoints with a RobustSAM decoder (official RobustSAM, or RobustMedSAM files from
+    :mod:`medcore_monai.networks.fusion`) give a model whose ``mask_decoder`` is a
+    ``RobustMaskDecoder``; wrap it with ``fusion.as_medsam`` / ``RobustMedSAM``.
 
     Args:
         path: checkpoint file.
@@ -112,6 +116,10 @@ def load_sam(path: str | os.PathLike, model_type: str = "auto") -> nn.Module:
     """
     obj = read_checkpoint(path)
     state = extract_state_dict(obj, source=str(path))
+    if has_robust_decoder(state):
+        from .fusion import robust_sam_from_checkpoint  # deferred: fusion builds on this module
+
+        return robust_sam_from_checkpoint(obj, source=str(path), model_type=model_type)
     manifest = obj.get("medcore") if isinstance(obj, dict) else None
     if manifest is not None:
         config = SamConfig.from_dict(manifest["config"])

@@ -316,12 +316,18 @@ def score_model(
     reference_model: nn.Module | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    fisher_counts: dict[str, dict[str, int]] | None = None,
 ) -> tuple[GroupScores, dict[str, np.ndarray], torch.Tensor]:
-    """Calibrate and score without pruning: ``(scores, arrays for scores.npz, block sensitivity)``."""
+    """Calibrate and score without pruning: ``(scores, arrays for scores.npz, block sensitivity)``.
+
+    ``fisher_counts``, when given, receives the used/skipped sample counts of each calibration.
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     state = _Pruner(model, reference_model, calibration, config, device, None, progress)
     scores, details, sensitivity, _, _ = _initial_scores(state)
+    if fisher_counts is not None:
+        fisher_counts.update(state.fisher_counts)
     return scores, details, sensitivity
 
 

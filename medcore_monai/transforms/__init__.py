@@ -1,5 +1,14 @@
 """transforms of medcore_monai."""
 
+from medcore_monai.transforms.corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    Corrupt,
+    Corruptd,
+    corrupt,
+    corruption_seed,
+    severity_parameters,
+)
 from medcore_monai.transforms.medsam import (
     EMPTY_MASK_POLICIES,
     BinarizeMaskd,
@@ -17,9 +26,13 @@ from medcore_monai.transforms.medsam import (
 )
 
 __all__ = [
+    "CORRUPTIONS",
     "EMPTY_MASK_POLICIES",
+    "SEVERITIES",
     "BinarizeMaskd",
     "BoxFromMaskd",
+    "Corrupt",
+    "Corruptd",
     "EnsureThreeChanneld",
     "LoadImage2Dd",
     "MinMaxScaled",
@@ -27,7 +40,10 @@ __all__ = [
     "ResizeForSAMd",
     "binarize_mask",
     "box_from_mask",
+    "corrupt",
+    "corruption_seed",
     "jitter_seed",
     "medsam_preprocess",
     "min_max_scale",
+    "severity_parameters",
 ]
