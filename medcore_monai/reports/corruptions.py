@@ -1,0 +1,118 @@
+"""A PNG grid of RobustMedSAM's 12 corruptions at a few severities, for docs and sanity checks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from ..files import atomic_path
+from ..transforms.corruptions import CORRUPTIONS, corrupt, severity_parameters
+
+__all__ = ["plot_corruption_grid"]
+
+PathLike = str | os.PathLike
+_PANEL_INCHES = 1.2
+_FONT_SIZE = 7
+_RGB = 3
+
+
+def _range(value: tuple[float, float], fmt: str = "g") -> str:
+    low, high = value
+    return f"{low:{fmt}}" if low == high else f"{low:{fmt}}–{high:{fmt}}"
+
+
+def _parameter_label(name: str, severity: int) -> str:
+    """A short caption of the parameters of one panel (intensities on the 0–255 scale)."""
+    p = severity_parameters(name, severity)
+    labels = {
+        "gauss_noise": lambda: f"σ={p['std_255']:g}",
+        "gaussian_blur": lambda: f"k={_range((min(p['kernel_sizes']), max(p['kernel_sizes'])))}",
+        "contrast": lambda: f"×{_range(p['factor_range'])} @128",
+        "brightness": lambda: f"×{_range(p['factor_range'])}",
+        "compression": lambda: f"q={_range(p['quality_range'])}",
+        "color_jitter": lambda: f"{p['brightness']:g}/{p['contrast']:g}/{p['saturation']:g}/{p['hue']:g}",
+        "poisson_noise": lambda: f"c={p['scale']:g}",
+        "speckle_noise": lambda: f"var={p['variance']:g}",
+        "salt_pepper_noise": lambda: f"{100 * p['amount']:g} %",
+        "rician_noise": lambda: f"σ={p['std_255']:g}",
+        "rayleigh_noise": lambda: f"s={p['scale_255']:g}",
+        "step_motion": lambda: f"shift {p['shift_px']} px",
+    }
+    return labels[name]()
+
+
+def _as_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        plain = image.as_tensor() if hasattr(image, "as_tensor") else image
+        return plain.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(image, dtype=np.float32)
+
+
+def _show(axis, image: np.ndarray) -> None:
+    """Draw a ``[C, H, W]`` image in [0, 1] without ticks (RGB for 3 channels, else the first in grey)."""
+    if image.shape[0] == _RGB:
+        axis.imshow(np.moveaxis(image, 0, -1), vmin=0.0, vmax=1.0)
+    else:
+        axis.imshow(image[0], cmap="gray", vmin=0.0, vmax=1.0)
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def plot_corruption_grid(
+    image: np.ndarray | torch.Tensor,
+    out_path: PathLike,
+    severities: Sequence[int] = (1, 3, 5),
+    seed: int = 0,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Write a grid of the clean image and its 12 corruptions, one row per severity, as PNG.
+
+    Every panel uses the same ``seed`` (see :func:`~medcore_monai.transforms.corruptions.corrupt`), so
+    the rows of one corruption differ only in strength. The file is written atomically.
+
+    Args:
+        image: Channel-first ``[C, H, W]`` float image in [0, 1] (numpy, tensor or MetaTensor).
+        out_path: Destination PNG (parent folders are created).
+        severities: Severities to show, one row each.
+        seed: Corruption seed.
+        title: Optional figure title.
+        dpi: Resolution of the PNG.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        ValueError: For an invalid image or severity (see :func:`corrupt`).
+    """
+    array = _as_array(image)
+    severities = tuple(severities)
+    if not severities:
+        raise ValueError("severities must not be empty")
+    columns = 1 + len(CORRUPTIONS)
+    figure = Figure(
+        figsize=(columns * _PANEL_INCHES, len(severities) * (_PANEL_INCHES + 0.25) + (0.5 if title else 0.3)),
+        layout="constrained",
+    )
+    axes = figure.subplots(len(severities), columns, squeeze=False)
+    for row, severity in enumerate(severities):
+        panels = [("clean", array, "")] + [
+            (name, corrupt(array, name, severity, seed), _parameter_label(name, severity)) for name in CORRUPTIONS
+        ]
+        for column, (name, panel, caption) in enumerate(panels):
+            axis = axes[row, column]
+            _show(axis, panel)
+            axis.set_xlabel(caption, fontsize=_FONT_SIZE - 1, labelpad=1)
+            if row == 0:
+                axis.set_title(name.replace("_noise", "\nnoise").replace("_", " "), fontsize=_FONT_SIZE)
+        axes[row, 0].set_ylabel(f"severity {severity}", fontsize=_FONT_SIZE + 1)
+    if title:
+        figure.suptitle(title, fontsize=_FONT_SIZE + 2)
+    with atomic_path(out_path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+    return Path(out_path)
