@@ -32,10 +32,20 @@ from .data.splits import SplitManifest
 from .engines.evaluation import evaluate_items, predict_native, slices_to_volumes, summarise
 from .engines.prune import PruneSettings, model_cost, run_prune
 from .files import atomic_path, write_json_atomic, write_text_atomic
-from .networks import MedSAM, load_sam, save_sam
+from .networks import MedSAM, as_medsam, load_sam, read_checkpoint, save_sam
 from .networks.build import file_sha256
 
-__all__ = ["check_preset_keys", "evaluate", "export", "finetune", "infer", "leverage", "measure_latency", "prune"]
+__all__ = [
+    "check_preset_keys",
+    "evaluate",
+    "export",
+    "finetune",
+    "fuse",
+    "infer",
+    "leverage",
+    "measure_latency",
+    "prune",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,27 +156,42 @@ def evaluate(
     label_value: int | None = None,
     latency_repeats: int = 5,
     progress: bool = True,
+    corruptions: Sequence[str] | str | None = None,
+    severities: Sequence[int] = (1, 3, 5),
 ) -> dict[str, Any]:
     """Dice, IoU, BF1, HD95 (surface, region) per dataset and macro, plus params, FLOPs and latency.
 
     Without ``split_manifest`` every image/mask pair under the data roots is evaluated; with it, only
     the named ``split``. Writes ``evaluation.json`` and per-image ``metrics_<dataset>.csv``.
+
+    With ``corruptions`` (names from :data:`medcore_monai.transforms.CORRUPTIONS`, or ``"all"``) the same
+    images are also evaluated degraded at each of ``severities``: ``evaluation.json`` gains a ``robustness``
+    section (metrics per corruption and severity, means per severity and overall), and
+    ``robustness.csv`` and ``robustness_dice.png`` are written.
     """
     problems = _problems_for_inputs(checkpoint, data_roots)
     if split_manifest is not None and not Path(split_manifest).is_file():
         problems.append(f"split_manifest not found: {split_manifest}")
-    _fail_early(problems, "evaluation")
+    corruption_grid, corruption_problems = _corruption_grid(corruptions, severities)
+    _fail_early(problems + corruption_problems, "evaluation")
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = MedSAM(load_sam(checkpoint)).to(device_t)
+    model = as_medsam(load_sam(checkpoint)).to(device_t)
     items = _evaluation_items(dataset_specs(data_roots, dataset_names, label_value), split_manifest, split)
     output = Path(output_dir)
     results: dict[str, Any] = {}
+    degraded_rows: dict[tuple[str, int], dict[str, Any]] = {}
     for name, dataset_items in items.items():
-        rows = evaluate_items(model, dataset_items[:max_images], device_t, seed, bbox_shift, label_value, progress)
+        dataset_items = dataset_items[:max_images]
+        samples = preprocess_split(dataset_items, model.img_size, bbox_shift, seed, label_value)
+        rows = evaluate_items(model, dataset_items, device_t, seed, bbox_shift, label_value, progress, samples=samples)
         _write_csv(output / f"metrics_{name}.csv", rows)
         results[name] = summarise(rows) | {"units": "mm, per volume" if is_volumetric(dataset_items) else "pixels"}
-    metric_keys = [k for k in next(iter(results.values())) if k not in ("n", "units")]
-    results["macro"] = {k: float(np.mean([results[d][k] for d in items])) for k in metric_keys}
+        for corruption in _progress(corruption_grid, progress, f"corruptions ({name})"):
+            rows = evaluate_items(
+                model, dataset_items, device_t, seed, bbox_shift, label_value, corruption=corruption, samples=samples
+            )
+            degraded_rows.setdefault(corruption, {})[name] = summarise(rows)
+    results["macro"] = _macro(results, list(items))
     report = {
         "checkpoint": {"path": checkpoint, "sha256": file_sha256(checkpoint)},
         "split": split if split_manifest else "all",
@@ -174,8 +199,79 @@ def evaluate(
         "cost": model_cost(model),
         "latency": measure_latency(model, device_t, repeats=latency_repeats) | {"device": str(device_t)},
     }
+    if corruption_grid:
+        report["robustness"] = _robustness_section(degraded_rows, list(items), results["macro"], output)
     write_json_atomic(output / "evaluation.json", report)
     return report
+
+
+def _macro(results: dict[str, dict[str, Any]], datasets: Sequence[str]) -> dict[str, float]:
+    keys = [k for k in results[datasets[0]] if k not in ("n", "units")]
+    return {k: float(np.mean([results[d][k] for d in datasets])) for k in keys}
+
+
+def _corruption_grid(
+    corruptions: Sequence[str] | str | None, severities: Sequence[int]
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """The (corruption, severity) pairs to evaluate, and any problems with the request."""
+    from .transforms.corruptions import CORRUPTIONS, SEVERITIES
+
+    if not corruptions:
+        return [], []
+    if corruptions == "all":
+        names = list(CORRUPTIONS)
+    else:
+        names = [corruptions] if isinstance(corruptions, str) else list(corruptions)
+    problems = [f"unknown corruption {n!r}; choose from {list(CORRUPTIONS)} or 'all'" for n in names]
+    problems = [p for p, n in zip(problems, names) if n not in CORRUPTIONS]
+    problems += [f"severity {s!r} is not one of {list(SEVERITIES)}" for s in severities if s not in SEVERITIES]
+    if not severities:
+        problems.append("severities is empty")
+    return [(n, int(s)) for n in names for s in severities], problems
+
+
+def _progress(values: Sequence[Any], enabled: bool, description: str):
+    if not enabled or not values:
+        return values
+    from tqdm.auto import tqdm
+
+    return tqdm(values, desc=description, leave=False)
+
+
+def _robustness_section(
+    rows: dict[tuple[str, int], dict[str, dict[str, float]]],
+    datasets: Sequence[str],
+    clean_macro: dict[str, float],
+    output: Path,
+) -> dict[str, Any]:
+    """Metrics per corruption and severity (per dataset and macro), their means, a CSV and a Dice heatmap."""
+    from .reports.corruptions import plot_robustness_heatmap
+
+    table: dict[str, dict[str, Any]] = {}
+    for (name, severity), per_dataset in rows.items():
+        table.setdefault(name, {})[str(severity)] = per_dataset | {"macro": _macro(per_dataset, datasets)}
+    severities = sorted({severity for _, severity in rows})
+    macros = [t[str(s)]["macro"] for t in table.values() for s in severities]
+    keys = list(macros[0])
+    mean_by_severity = {
+        str(s): {k: float(np.mean([t[str(s)]["macro"][k] for t in table.values()])) for k in keys} for s in severities
+    }
+    section = {
+        "corruptions": table,
+        "mean_by_severity": mean_by_severity,
+        "mean": {k: float(np.mean([m[k] for m in macros])) for k in keys},
+        "clean": clean_macro,
+        "note": "labels and box prompts stay clean; images are corrupted at model size after min-max scaling",
+    }
+    csv_rows = [
+        {"corruption": n, "severity": s} | table[n][str(s)]["macro"] for n in table for s in severities
+    ]
+    _write_csv(output / "robustness.csv", csv_rows)
+    dice = {n: {s: table[n][str(s)]["macro"]["dice"] for s in severities} for n in table}
+    section["figure"] = plot_robustness_heatmap(
+        dice, output / "robustness_dice.png", metric="Dice", clean=clean_macro["dice"]
+    ).name
+    return section
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -231,7 +327,7 @@ def infer(
     """
     _fail_early(_problems_for_inputs(checkpoint, data_roots), "inference")
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = MedSAM(load_sam(checkpoint)).to(device_t).eval()
+    model = as_medsam(load_sam(checkpoint)).to(device_t).eval()
     output = Path(output_dir)
     written: list[str] = []
     for spec in dataset_specs(data_roots, dataset_names, label_value):
@@ -285,18 +381,34 @@ def finetune(
     progress: bool = True,
     trainable_modules: Sequence[str] = ("image_encoder", "mask_decoder"),
     tensorboard_dir: str | None = None,
+    corruptions: Sequence[str] | str | None = None,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    svd_adaptation: bool = False,
+    svd_include_convs: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune a (pruned, compact) model on the training split with validation-loss early stopping.
+    """Fine-tune a (pruned, compact, or fused RobustMedSAM) model on the training split with early stopping.
 
     Uses the split manifest of the pruning run when given (so its test split stays unseen), otherwise
     makes the standard seeded split. Writes ``checkpoint_best.pth``, ``checkpoint_latest.pth``,
     ``history.json`` and ``splits.json``. Under ``torchrun`` each process trains on its shard of the data
     with DDP.
+
+    RobustMedSAM-style options:
+
+    * ``corruptions`` (names or ``"all"``): each training image is degraded by one corruption and severity
+      drawn at random (or left clean, as often as each corruption), and the validation images by a fixed
+      draw; with ``trainable_modules: [mask_decoder]`` this is decoder-only fine-tuning on corrupted data.
+    * ``svd_adaptation``: the encoder's linear layers (and its convs with ``svd_include_convs``) train
+      only a scale and shift of their singular values; the result is merged back into plain weights, so
+      ``checkpoint_best.pth`` is a stock (prunable, exportable) checkpoint.
     """
     problems = _problems_for_inputs(checkpoint, data_roots)
     if split_manifest is not None and not Path(split_manifest).is_file():
         problems.append(f"split_manifest not found: {split_manifest}")
-    _fail_early(problems, "fine-tuning")
+    corruption_grid, corruption_problems = _corruption_grid(corruptions, severities)
+    if svd_adaptation and "image_encoder" not in trainable_modules:
+        problems.append("svd_adaptation trains the image encoder: add image_encoder to trainable_modules")
+    _fail_early(problems + corruption_problems, "fine-tuning")
     from .data.cache import build_dataset
     from .engines.distributed import (
         distributed_loader,
@@ -309,7 +421,7 @@ def finetune(
 
     initialise_from_environment()
     device_t = process_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = MedSAM(load_sam(checkpoint))
+    model = as_medsam(load_sam(checkpoint))
     data = prepare_splits(
         dataset_specs(data_roots, dataset_names, label_value), seed=seed, manifest_path=split_manifest
     )
@@ -320,8 +432,18 @@ def finetune(
     train_items = [i for name in data.items for i in data.split(name, "train")][:max_train_images]
     val_items = [i for name in data.items for i in data.split(name, "val")][:max_train_images]
     train_transform = medsam_preprocess(model.img_size, bbox_shift, seed, deterministic=False, label_value=label_value)
+    if corruption_grid:
+        train_transform = _with_random_corruption(train_transform, corruption_grid, seed)
     train_ds = build_dataset(train_items, train_transform, progress=progress)
     val_ds = preprocess_split(val_items, model.img_size, bbox_shift, seed, label_value)
+    if corruption_grid:
+        val_ds = _fixed_corruptions(val_ds, corruption_grid, seed)
+    if svd_adaptation:
+        from .robust.svd import apply_svd_adaptation, svd_parameter_count
+
+        adapted = apply_svd_adaptation(model.image_encoder, include_convs=svd_include_convs)
+        count = svd_parameter_count(model)
+        logger.info("SVD adaptation of %d encoder layers: %d trainable values", len(adapted), count)
     result = run_finetune(
         model,
         distributed_loader(train_ds, batch_size, shuffle=True, seed=seed),
@@ -337,8 +459,43 @@ def finetune(
         seed=seed,
         trainable=tuple(trainable_modules),
         tensorboard_dir=tensorboard_dir,
+        restore_best=not svd_adaptation,  # the best file holds merged weights: merge first, then restore
     )
+    if svd_adaptation:
+        from .robust.svd import merge_svd_adaptation
+
+        merge_svd_adaptation(model.image_encoder)
+        if result["best_checkpoint"] is not None:
+            model.load_state_dict(read_checkpoint(result["best_checkpoint"])["state_dict"], strict=True)
+    result["corruptions"] = sorted({name for name, _ in corruption_grid})
+    result["svd_adaptation"] = svd_adaptation
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
+
+
+def _with_random_corruption(transform, grid: Sequence[tuple[str, int]], seed: int):
+    """``transform`` followed by :class:`RandCorruptiond`, flat so the deterministic part stays cacheable."""
+    from monai.transforms import Compose, Randomizable
+
+    from .transforms.corruptions import RandCorruptiond
+
+    names = sorted({n for n, _ in grid})
+    severities = sorted({s for _, s in grid})
+    steps = [*transform.transforms, RandCorruptiond(keys="image", names=names, severities=severities)]
+    pipeline = Compose(steps)
+    # Compose re-seeds its members from MONAI's global seed; seed the random ones from ours afterwards
+    for offset, step in enumerate(t for t in steps if isinstance(t, Randomizable)):
+        step.set_random_state(seed=seed + offset)
+    return pipeline
+
+
+def _fixed_corruptions(samples, grid: Sequence[tuple[str, int]], seed: int) -> list[dict[str, Any]]:
+    """Validation samples degraded once by a seeded draw, so every epoch validates on the same images."""
+    from .transforms.corruptions import RandCorruptiond
+
+    draw = RandCorruptiond(
+        keys="image", names=sorted({n for n, _ in grid}), severities=sorted({s for _, s in grid})
+    ).set_random_state(seed=seed)
+    return [draw(samples[i]) for i in range(len(samples))]
 
 
 def leverage(
@@ -366,7 +523,7 @@ def leverage(
         problems.append(f"score {config.score!r} needs sam_ckpt")
     _fail_early(problems, "leverage analysis")
     device_t = torch.device(config.device)
-    model = MedSAM(load_sam(medsam_ckpt)).to(device_t)
+    model = as_medsam(load_sam(medsam_ckpt)).to(device_t)
     reference = MedSAM(load_sam(sam_ckpt), pixel_normalize=config.sam_pixel_normalize) if sam_ckpt else None
     data = prepare_splits(
         dataset_specs(data_roots, config.dataset_names, config.label_value), seed=config.seed, cal_size=config.cal_size
@@ -382,3 +539,38 @@ def leverage(
         progress=config.progress,
         **grid,
     )
+
+
+def fuse(
+    checkpoint: str,
+    robustsam_ckpt: str,
+    output_dir: str = "outputs/fuse",
+    filename: str = "model_fused.pt",
+) -> dict[str, Any]:
+    """RobustMedSAM's module-wise fusion: image and prompt encoders from ``checkpoint``, decoder from RobustSAM.
+
+    ``checkpoint`` is a MedSAM checkpoint in any official layout or this project's compact (pruned) file;
+    ``robustsam_ckpt`` an official RobustSAM checkpoint of the same encoder size. Every key is checked
+    against the fused architecture; the fused file keeps a pruned encoder's widths and reloads with
+    :func:`medcore_monai.networks.load_sam` (which then returns a RobustSAM-decoder model).
+
+    Writes ``<output_dir>/<filename>`` and ``fusion.json`` (sources, SHA-256, tensor counts).
+    """
+    problems = _problems_for_inputs(checkpoint, None)
+    if not Path(robustsam_ckpt).is_file():
+        problems.append(f"robustsam_ckpt not found: {robustsam_ckpt}")
+    target = Path(output_dir) / filename
+    if target.resolve() in {Path(checkpoint).resolve(), Path(robustsam_ckpt).resolve()}:
+        problems.append(f"output {target} would overwrite an input checkpoint")
+    _fail_early(problems, "fusion")
+    from .networks import fuse_checkpoints
+
+    path = fuse_checkpoints(checkpoint, robustsam_ckpt, target)
+    fused = read_checkpoint(path)
+    summary = {
+        "checkpoint": str(path),
+        "sha256": file_sha256(path),
+        "fusion": fused.get("metadata", {}).get("fusion", {}),
+    }
+    write_json_atomic(Path(output_dir) / "fusion.json", summary)
+    return summary

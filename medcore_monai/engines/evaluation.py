@@ -17,6 +17,7 @@ from ..metrics import compute_boundary_f1, compute_dice, compute_hd95, compute_i
 
 __all__ = [
     "METRIC_NAMES",
+    "degraded",
     "evaluate_items",
     "evaluate_model",
     "evaluate_volumes",
@@ -159,6 +160,19 @@ def evaluate_volumes(
     return rows
 
 
+def degraded(samples: Sequence[Mapping[str, Any]], corruption: str, severity: int, seed: int = 0) -> Sequence:
+    """``samples`` with their ``image`` corrupted on access (model-size images in [0, 1]).
+
+    Each sample's corruption is seeded from ``(seed, corruption, severity, sample name)``, so results do not
+    depend on order, batching or workers. Labels and boxes stay clean: the prompt is what a user would draw.
+    """
+    from monai.data import Dataset
+
+    from ..transforms.corruptions import Corruptd
+
+    return Dataset(data=samples, transform=Corruptd(keys="image", name=corruption, severity=severity, seed=seed))
+
+
 def evaluate_items(
     model: nn.Module,
     items: Sequence[dict[str, Any]],
@@ -167,9 +181,26 @@ def evaluate_items(
     bbox_shift: int,
     label_value: int | None,
     progress: bool = False,
+    corruption: tuple[str, int] | None = None,
+    samples: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-image metrics at model resolution, or per-volume metrics in mm for slices of NIfTI volumes."""
-    samples = preprocess_split(items, model.img_size, bbox_shift, seed, label_value)
+    """Per-image metrics at model resolution, or per-volume metrics in mm for slices of NIfTI volumes.
+
+    Args:
+        model: a MedSAM-style module.
+        items: data items of one dataset.
+        device: where the model runs.
+        seed: box-jitter and corruption seed.
+        bbox_shift: maximum box jitter per side (model pixels).
+        label_value: foreground label of multi-label masks.
+        progress: progress bar (2D data).
+        corruption: ``(name, severity)`` to evaluate on degraded images (see :func:`degraded`).
+        samples: the preprocessed ``items`` when the caller already has them (several corruptions).
+    """
+    if samples is None:
+        samples = preprocess_split(items, model.img_size, bbox_shift, seed, label_value)
+    if corruption is not None:
+        samples = degraded(samples, *corruption, seed=seed)
     if is_volumetric(items):
         return evaluate_volumes(model, items, samples, device, label_value)
     return evaluate_model(model, DataLoader(samples, batch_size=1), device, progress=progress)

@@ -22,7 +22,7 @@ import torch
 from ..data.datasets import SplitData, dataset_specs, is_volumetric, prepare_splits, preprocess_split
 from ..files import atomic_path, write_json_atomic
 from ..losses.recovery import RecoveryLossWeights
-from ..networks import MedSAM, count_parameters, file_sha256, load_sam, save_sam
+from ..networks import MedSAM, as_medsam, count_parameters, file_sha256, load_sam, save_sam
 from ..networks.structure import measure_flops
 from ..pruning.cascade import CascadeConfig, CascadeResult, run_cascade
 from .distributed import initialise_from_environment, is_main_process, process_device, synchronise
@@ -177,7 +177,7 @@ def _load_models(settings: PruneSettings) -> tuple[MedSAM, MedSAM | None]:
     reference = None
     if settings.sam_ckpt and settings.score in ("dual", "reset"):
         reference = MedSAM(load_sam(settings.sam_ckpt), pixel_normalize=settings.sam_pixel_normalize)
-    return MedSAM(medsam), reference
+    return as_medsam(medsam), reference
 
 
 def _evaluate(model: MedSAM, data: SplitData, settings: PruneSettings, device) -> dict[str, dict[str, float]]:

@@ -3,7 +3,19 @@
 from .build import build_sam, compact_manifest, current_config, file_sha256, load_sam, save_sam
 from .checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, read_checkpoint
 from .config import SAM_PRESETS, SamConfig, get_preset, infer_sam_config
+from .fusion import (
+    FusionReport,
+    RobustMedSAM,
+    as_medsam,
+    build_robust_sam,
+    fuse_checkpoints,
+    fuse_state_dicts,
+    load_robust_sam,
+    save_robust_sam,
+    strip_robust_decoder,
+)
 from .medsam import MedSAM
+from .robust_decoder import RobustMaskDecoder, has_robust_decoder
 from .sam_import import sam_modeling
 from .structure import (
     BlockStructure,
@@ -24,6 +36,17 @@ from .structure import (
 
 __all__ = [
     "BlockStructure",
+    "FusionReport",
+    "RobustMaskDecoder",
+    "RobustMedSAM",
+    "as_medsam",
+    "build_robust_sam",
+    "fuse_checkpoints",
+    "fuse_state_dicts",
+    "has_robust_decoder",
+    "load_robust_sam",
+    "save_robust_sam",
+    "strip_robust_decoder",
     "CheckpointError",
     "MedSAM",
     "SAM_PRESETS",

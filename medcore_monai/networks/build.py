@@ -11,7 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_torch_save, extract_state_dict, load_state_dict_strict, read_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    extract_state_dict,
+    load_state_dict_strict,
+    plain_state_dict,
+    read_checkpoint,
+)
 from .config import PROMPT_EMBED_DIM, SamConfig, get_preset, infer_sam_config
 from .robust_decoder import has_robust_decoder
 from .sam_import import sam_modeling
@@ -165,12 +172,13 @@ def save_sam(sam: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] |
 
     The file is a plain dict readable with ``torch.load(weights_only=True)``:
     ``{"format", "format_version", "medcore": {"config", "blocks"}, "state_dict", "metadata"}``.
+    Parametrized weights (an SVD adaptation in training) are saved as their effective plain weights.
     """
     payload = {
         "format": COMPACT_FORMAT,
         "format_version": FORMAT_VERSION,
         "medcore": {"config": current_config(sam).to_dict(), "blocks": compact_manifest(sam)},
-        "state_dict": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in plain_state_dict(sam).items()},
         "metadata": metadata or {},
     }
     return atomic_torch_save(payload, path)

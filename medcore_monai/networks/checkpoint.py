@@ -111,3 +111,26 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         where = f" from {source}" if source else ""
         raise CheckpointError(f"state dict{where} does not match the model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state_dict, strict=True)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every parametrized tensor baked in under its plain name.
+
+    A model under ``torch.nn.utils.parametrize`` (e.g. an SVD adaptation being trained) stores
+    ``<module>.parametrizations.<name>.original`` and the parametrization's own tensors; checkpoints of
+    this project always hold the effective weights under the stock key names instead, so they load into
+    an unadapted model.
+    """
+    from torch.nn.utils import parametrize
+
+    state = model.state_dict()
+    for prefix, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        dot = f"{prefix}." if prefix else ""
+        for tensor_name in module.parametrizations:
+            internal = f"{dot}parametrizations.{tensor_name}."
+            for key in [k for k in state if k.startswith(internal)]:
+                del state[key]
+            state[f"{dot}{tensor_name}"] = getattr(module, tensor_name).detach()
+    return state

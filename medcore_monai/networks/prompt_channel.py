@@ -108,13 +108,15 @@ class BoxChannelMedSAM(nn.Module):
         return self.image_encoder.img_size
 
     def medsam(self) -> MedSAM:
-        """A :class:`MedSAM` over this module's sub-modules (shared, not copied).
+        """A :class:`MedSAM` (or :class:`RobustMedSAM`) over this module's sub-modules (shared, not copied).
 
         Built per call rather than stored: a stored one would be a second registered owner of the
         sub-modules (doubling the state-dict keys) and its pixel statistics would not follow
         ``.to(device)``. Building it costs microseconds.
         """
-        return MedSAM(self, pixel_normalize=self.pixel_normalize)
+        from .fusion import as_medsam
+
+        return as_medsam(self, pixel_normalize=self.pixel_normalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mask logits ``[B, 1, S, S]`` for images with a box-mask channel ``[B, 4, S, S]``."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import importlib
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -247,7 +248,9 @@ class FourierMagnitudeBlock(nn.Module):
         """Real part of the inverse FFT of (convolved magnitude, original phase)."""
         # FFTs have no half-precision kernels on most devices: run the block in float32 even under
         # autocast (a no-op for float32 models), and hand back the caller's dtype.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # (the meta device, used to count FLOPs, has no autocast state to switch off)
+        no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else nullcontext()
+        with no_autocast:
             spectrum = torch.fft.fft2(x.float(), dim=(-2, -1))
             magnitude = self.conv_layer(spectrum.abs().to(self.conv_layer.weight.dtype)).float()
             restored = torch.fft.ifft2(torch.polar(magnitude, spectrum.angle()), dim=(-2, -1)).real

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from ..files import atomic_path
 from ..transforms.corruptions import CORRUPTIONS, corrupt, severity_parameters
 
-__all__ = ["plot_corruption_grid"]
+__all__ = ["plot_corruption_grid", "plot_robustness_heatmap"]
 
 PathLike = str | os.PathLike
 _PANEL_INCHES = 1.2
@@ -116,3 +116,46 @@ def plot_corruption_grid(
     with atomic_path(out_path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
     return Path(out_path)
+
+
+def plot_robustness_heatmap(
+    table: dict[str, dict[int, float]],
+    out_path: PathLike,
+    metric: str = "Dice",
+    clean: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Heatmap of one metric per corruption (rows) and severity (columns), annotated with the values.
+
+    Args:
+        table: ``{corruption: {severity: value}}`` (missing cells are left blank).
+        out_path: Output PNG (written atomically).
+        metric: Metric name for the colour bar and title.
+        clean: The clean-image value, shown in the title for reference.
+        title: Figure title (default: built from ``metric`` and ``clean``).
+
+    Returns:
+        The PNG path.
+    """
+    if not table:
+        raise ValueError("robustness table is empty")
+    names = list(table)
+    severities = sorted({int(s) for row in table.values() for s in row})
+    values = np.array([[table[n].get(s, np.nan) for s in severities] for n in names], dtype=float)
+    figure = Figure(figsize=(1.0 + 0.9 * len(severities), 0.9 + 0.32 * len(names)), layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(values, cmap="viridis", aspect="auto")
+    for (row, col), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            axes.text(col, row, f"{value:.3f}", ha="center", va="center", fontsize=_FONT_SIZE, color="white")
+    axes.set_xticks(range(len(severities)), [str(s) for s in severities])
+    axes.set_yticks(range(len(names)), names, fontsize=_FONT_SIZE + 1)
+    axes.set_xlabel("severity")
+    figure.colorbar(image, ax=axes, label=metric)
+    suffix = f" (clean {clean:.3f})" if clean is not None else ""
+    axes.set_title(title or f"{metric} under corruption{suffix}", fontsize=_FONT_SIZE + 2)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return out_path

@@ -107,6 +107,7 @@ __all__ = [
     "SEVERITIES",
     "Corrupt",
     "Corruptd",
+    "RandCorruptiond",
     "corrupt",
     "corruption_seed",
     "severity_parameters",
@@ -594,3 +595,57 @@ class Corruptd(Randomizable, MapTransform):
         for key in keys:
             d[key] = corrupt(d[key], self.name, self.severity, seed)
         return d
+
+
+class RandCorruptiond(Randomizable, MapTransform):
+    """Corrupt each item with one corruption and severity drawn at random, or leave it clean.
+
+    RobustMedSAM trains its decoder on pairs whose degraded view is drawn uniformly from the clean image
+    and its 12 corruptions; this is that draw (over ``names x severities``, plus clean when
+    ``include_clean``) as a training transform. Seed it with ``set_random_state``.
+
+    Args:
+        keys: Image keys (every key of an item gets the same corruption).
+        names: Corruptions to draw from (default: all 12).
+        severities: Severities to draw from.
+        include_clean: Also draw "no corruption", with the same probability as each corruption.
+        allow_missing_keys: Skip missing keys instead of raising.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        names: tuple[str, ...] | list[str] = CORRUPTIONS,
+        severities: tuple[int, ...] | list[int] = (3,),
+        include_clean: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        for name in names:
+            _check_name(name)
+        for severity in severities:
+            _check_severity(severity)
+        if not names or not severities:
+            raise ValueError("RandCorruptiond needs at least one corruption name and one severity")
+        self.choices: list[tuple[str, int] | None] = [(n, int(s)) for n in names for s in severities]
+        if include_clean:
+            # clean is as likely as any one corruption (over its severities), as in RobustMedSAM's pairing
+            self.choices += [None] * len(severities)
+        self._choice: tuple[str, int] | None = None
+        self._seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        """Draw the corruption (or clean) and its noise seed for the next item."""
+        self._choice = self.choices[int(self.R.randint(len(self.choices)))]
+        self._seed = int(self.R.randint(2**31 - 1))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Return a copy of ``data`` with its image keys corrupted (or unchanged when clean is drawn)."""
+        self.randomize()
+        out = dict(data)
+        out["corruption"] = "clean" if self._choice is None else f"{self._choice[0]}@{self._choice[1]}"
+        if self._choice is None:
+            return out
+        for key in self.key_iterator(out):
+            out[key] = corrupt(out[key], self._choice[0], self._choice[1], seed=self._seed)
+        return out

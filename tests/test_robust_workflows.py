@@ -1,0 +1,273 @@
+"""RobustMedSAM workflows through the bundle: fuse, degraded-image evaluation, corrupted and SVD fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from medcore_monai.demo import synthetic_items
+from medcore_monai.networks import (
+    MedSAM,
+    RobustMedSAM,
+    as_medsam,
+    build_robust_sam,
+    build_sam,
+    load_sam,
+    read_checkpoint,
+    save_sam,
+    slim_block_,
+)
+from medcore_monai.networks.checkpoint import plain_state_dict
+from medcore_monai.robust import apply_svd_adaptation
+from medcore_monai.transforms import CORRUPTIONS, RandCorruptiond
+from medcore_monai.workflows import fuse
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+
+def _chain(error: BaseException) -> str:
+    """The messages of an exception and its causes (MONAI wraps errors raised inside config expressions)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
+
+
+def _run(workflow: str, overrides: dict):
+    flow = ConfigWorkflow(
+        config_file=[str(CONFIGS / f"{workflow}.yaml")],
+        run_id=workflow,
+        workflow_type=None,
+        **({"bundle_root": str(REPO / "bundle")} | overrides),
+    )
+    flow.initialize()
+    result = flow.run()
+    flow.finalize()
+    return result
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("robust_ckpt")
+    medsam = build_sam("tiny", seed=0)
+    slim_block_(medsam.image_encoder.blocks[1], [0, 2], range(300))  # a pruned (compact) MedSAM
+    save_sam(medsam, folder / "medsam_pruned.pt")
+    torch.save({"model": build_robust_sam("tiny", seed=5).state_dict()}, folder / "robustsam_tiny.pth")
+    torch.save(build_sam("tiny", seed=0).state_dict(), folder / "medsam_dense.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def png_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust_pngs")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for item in synthetic_items(8, 96, seed=11):
+        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{item['name']}.png")
+        Image.fromarray(item["label"] * 255).save(root / "masks" / f"{item['name']}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fused(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused")
+    summary = _run(
+        "fuse",
+        {
+            "checkpoint": str(checkpoints / "medsam_pruned.pt"),
+            "robustsam_ckpt": str(checkpoints / "robustsam_tiny.pth"),
+            "fuse_dir": str(out),
+        },
+    )
+    return Path(summary[0]["checkpoint"]), out
+
+
+def test_fuse_workflow_keeps_the_pruned_encoder_and_the_robust_decoder(checkpoints, fused):
+    path, out = fused
+    model = load_sam(path)
+    assert isinstance(as_medsam(model), RobustMedSAM)
+    assert (
+        model.image_encoder.blocks[1].attn.num_heads == 2 and model.image_encoder.blocks[1].mlp.lin1.out_features == 300
+    )
+    medsam = read_checkpoint(checkpoints / "medsam_pruned.pt")["state_dict"]
+    robust = read_checkpoint(checkpoints / "robustsam_tiny.pth")["model"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in medsam.items() if not k.startswith("mask_decoder."))
+    assert all(torch.equal(state[k], v) for k, v in robust.items() if k.startswith("mask_decoder."))
+    report = json.loads((out / "fusion.json").read_text())
+    assert report["sha256"] and report["fusion"]
+
+
+def test_fuse_workflow_refuses_missing_inputs_and_overwriting(checkpoints, tmp_path):
+    with pytest.raises(Exception) as err:
+        _run("fuse", {"checkpoint": str(checkpoints / "medsam_dense.pth"), "robustsam_ckpt": str(tmp_path / "no.pth")})
+    assert "robustsam_ckpt not found" in _chain(err.value)
+    with pytest.raises(ValueError, match="would overwrite an input checkpoint"):
+        fuse(
+            str(checkpoints / "medsam_dense.pth"),
+            str(checkpoints / "robustsam_tiny.pth"),
+            str(checkpoints),
+            "medsam_dense.pth",
+        )
+
+
+def test_evaluate_reports_every_corruption_and_severity_for_a_fused_model(fused, png_dataset, tmp_path):
+    path, _ = fused
+    out = tmp_path / "evaluation"
+    report = _run(
+        "evaluate",
+        {
+            "checkpoint": str(path),
+            "data_roots": [str(png_dataset)],
+            "evaluate_dir": str(out),
+            "corruptions": ["gauss_noise", "step_motion"],
+            "severities": [1, 5],
+            "progress": False,
+        },
+    )[0]
+    robustness = report["robustness"]
+    assert set(robustness["corruptions"]) == {"gauss_noise", "step_motion"}
+    assert set(robustness["corruptions"]["gauss_noise"]) == {"1", "5"}
+    dice = [
+        robustness["corruptions"][n][s]["macro"]["dice"] for n in ("gauss_noise", "step_motion") for s in ("1", "5")
+    ]
+    assert robustness["mean"]["dice"] == pytest.approx(np.mean(dice))
+    assert robustness["mean_by_severity"]["5"]["dice"] == pytest.approx(np.mean(dice[1::2]))
+    assert robustness["clean"] == report["metrics"]["macro"]
+    assert len(set(dice) | {report["metrics"]["macro"]["dice"]}) > 1  # the corruptions changed something
+    assert (out / "robustness_dice.png").is_file()
+    assert len((out / "robustness.csv").read_text().strip().splitlines()) == 1 + 4
+
+
+def test_evaluate_refuses_unknown_corruptions_before_any_work(fused, png_dataset, tmp_path):
+    with pytest.raises(Exception) as err:
+        _run(
+            "evaluate",
+            {
+                "checkpoint": str(fused[0]),
+                "data_roots": [str(png_dataset)],
+                "corruptions": ["fog"],
+                "evaluate_dir": str(tmp_path),
+            },
+        )
+    assert "unknown corruption 'fog'" in _chain(err.value)
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_decoder_only_finetuning_on_corrupted_images_keeps_the_encoder(fused, png_dataset, tmp_path):
+    path, _ = fused
+    out = tmp_path / "ft"
+    result = _run(
+        "finetune",
+        {
+            "checkpoint": str(path),
+            "data_roots": [str(png_dataset)],
+            "finetune_dir": str(out),
+            "epochs": 1,
+            "batch_size": 2,
+            "trainable_modules": ["mask_decoder"],
+            "corruptions": "all",
+            "severities": [3],
+            "progress": False,
+        },
+    )[0]
+    assert result["corruptions"] == sorted(CORRUPTIONS)
+    before, after = load_sam(path).state_dict(), load_sam(out / "checkpoint_best.pth").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mask_decoder.") for k in changed)
+    assert any("fourier" in k or "robust" in k for k in changed)  # the RobustSAM modules trained too
+
+
+def test_svd_finetuning_writes_a_stock_checkpoint_whose_encoder_changed_in_singular_values(
+    checkpoints, png_dataset, tmp_path
+):
+    source = checkpoints / "medsam_dense.pth"
+    out = tmp_path / "svd"
+    _run(
+        "finetune",
+        {
+            "checkpoint": str(source),
+            "data_roots": [str(png_dataset)],
+            "finetune_dir": str(out),
+            "epochs": 1,
+            "batch_size": 2,
+            "lr": 1e-2,
+            "trainable_modules": ["image_encoder"],
+            "svd_adaptation": True,
+            "progress": False,
+        },
+    )
+    tuned = load_sam(out / "checkpoint_best.pth")  # loads strictly: stock keys, no parametrization left
+    original = load_sam(source)
+    assert set(tuned.state_dict()) == set(original.state_dict())
+    w0 = original.image_encoder.blocks[0].attn.qkv.weight.detach().double()
+    w1 = tuned.image_encoder.blocks[0].attn.qkv.weight.detach().double()
+    assert not torch.allclose(w0, w1)
+    u, _, vh = torch.linalg.svd(w0, full_matrices=False)
+    # the adapted weight lives in the original singular bases: U^T W' V is diagonal
+    inner = u.T @ w1 @ vh.T
+    off_diagonal = inner - torch.diag(torch.diagonal(inner))
+    assert off_diagonal.abs().max() < 1e-4 * inner.abs().max()
+    for name in ("patch_embed.proj.weight", "neck.0.weight", "pos_embed"):
+        assert torch.equal(original.image_encoder.state_dict()[name], tuned.image_encoder.state_dict()[name])
+    assert all(
+        torch.equal(v, tuned.state_dict()[k]) for k, v in original.state_dict().items() if k.startswith("mask_decoder.")
+    )
+
+
+def test_svd_option_needs_a_trainable_encoder(checkpoints, png_dataset, tmp_path):
+    with pytest.raises(Exception) as err:
+        _run(
+            "finetune",
+            {
+                "checkpoint": str(checkpoints / "medsam_dense.pth"),
+                "data_roots": [str(png_dataset)],
+                "finetune_dir": str(tmp_path),
+                "trainable_modules": ["mask_decoder"],
+                "svd_adaptation": True,
+            },
+        )
+    assert "svd_adaptation trains the image encoder" in _chain(err.value)
+
+
+def test_plain_state_dict_bakes_parametrized_weights_under_stock_keys():
+    sam = build_sam("tiny", seed=0)
+    keys = list(sam.state_dict())
+    apply_svd_adaptation(sam.image_encoder)
+    with torch.no_grad():
+        sam.image_encoder.blocks[0].mlp.lin1.parametrizations.weight[0].shift.add_(0.1)
+    plain = plain_state_dict(sam)
+    assert sorted(plain) == sorted(keys)
+    assert torch.equal(plain["image_encoder.blocks.0.mlp.lin1.weight"], sam.image_encoder.blocks[0].mlp.lin1.weight)
+    fresh = build_sam("tiny", seed=1)
+    fresh.load_state_dict(plain, strict=True)
+
+
+def test_rand_corruption_draws_clean_and_each_corruption_reproducibly():
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    draw = RandCorruptiond(keys="image", names=["gauss_noise", "contrast"], severities=[1, 3]).set_random_state(seed=4)
+    seen = [draw({"image": image, "name": str(i)})["corruption"] for i in range(200)]
+    assert set(seen) == {"clean", "gauss_noise@1", "gauss_noise@3", "contrast@1", "contrast@3"}
+    # clean is as likely as each corruption (over its severities): 1/3 here
+    assert 0.25 < seen.count("clean") / len(seen) < 0.42
+    again = RandCorruptiond(keys="image", names=["gauss_noise", "contrast"], severities=[1, 3]).set_random_state(seed=4)
+    first, second = draw.set_random_state(seed=9)({"image": image}), again.set_random_state(seed=9)({"image": image})
+    assert first["corruption"] == second["corruption"] and torch.equal(first["image"], second["image"])
+    clean = [d for d in (draw({"image": image}) for _ in range(30)) if d["corruption"] == "clean"]
+    assert clean and all(torch.equal(d["image"], image) for d in clean)
+    with pytest.raises(ValueError):
+        RandCorruptiond(keys="image", names=["fog"])
+
+
+def test_as_medsam_picks_the_wrapper_for_the_decoder():
+    assert type(as_medsam(build_sam("tiny"))) is MedSAM
+    assert type(as_medsam(build_robust_sam("tiny"))) is RobustMedSAM
