@@ -106,6 +106,7 @@ def test_recovery_trains_only_the_encoder_and_keeps_removed_groups_frozen(calibr
     assert torch.equal(before[proj][:, 64:128], after[proj][:, 64:128])  # removed head 1: no gradient, no decay
     lin2 = "image_encoder.blocks.1.mlp.lin2.weight"
     assert torch.equal(before[lin2][:, :100], after[lin2][:, :100])
+    assert all(p.requires_grad for p in model.parameters())  # the freezing is undone for later training
 
 
 def test_recovery_is_reproducible_and_resumes_from_its_checkpoint(calibration, tmp_path):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from monai.data import MetaTensor
+from torch import nn
 
-__all__ = ["plain_tensor", "prepare_medsam_batch"]
+__all__ = ["plain_tensor", "prepare_medsam_batch", "preserved_requires_grad"]
 
 
 def plain_tensor(value: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
@@ -30,3 +32,18 @@ def prepare_medsam_batch(
     target = plain_tensor(batchdata["label_lowres"], device, non_blocking).float()
     boxes = plain_tensor(batchdata["box"], device, non_blocking).float()
     return images, target, (boxes,), {}
+
+
+@contextmanager
+def preserved_requires_grad(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every parameter's ``requires_grad`` flag on exit.
+
+    Calibration and recovery freeze everything but the encoder while they run; the caller's model must come
+    back as it went in, or a later fine-tuning finds its decoder frozen.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield model
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)

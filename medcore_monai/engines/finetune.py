@@ -45,7 +45,7 @@ from ..handlers.tensorboard import attach_tensorboard
 from ..losses import soft_dice_loss
 from ..networks import MedSAM, load_state_dict_strict, read_checkpoint, save_sam
 from ..networks.checkpoint import atomic_torch_save
-from .common import prepare_medsam_batch
+from .common import prepare_medsam_batch, preserved_requires_grad
 from .distributed import data_parallel, is_main_process, synchronise
 
 __all__ = [
@@ -299,9 +299,8 @@ def finetune(
     output_dir.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(device)
     amp = _use_amp(amp, device)
-    flags = [p.requires_grad for p in model.parameters()]
-    _freeze_outside(model, trainable)
-    try:
+    with preserved_requires_grad(model):
+        _freeze_outside(model, trainable)
         return _FinetuneRun(
             model, train_loader, val_loader, output_dir, epochs, lr, weight_decay, patience, amp, device, progress
         ).run(
@@ -311,9 +310,6 @@ def finetune(
             restore_best=restore_best,
             tensorboard_dir=tensorboard_dir,
         )
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 class _FinetuneRun:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from ..handlers.tensorboard import attach_tensorboard
 from ..losses.recovery import RecoveryLossWeights, boundary_complexity, recovery_loss
-from .common import plain_tensor, prepare_medsam_batch
+from .common import plain_tensor, prepare_medsam_batch, preserved_requires_grad
 from .distributed import data_parallel, is_main_process, synchronise
 
 __all__ = ["RecoveryConfig", "TeacherOutputs", "recover", "freeze_for_recovery"]
@@ -177,6 +177,8 @@ def recover(
 ) -> dict[str, Any]:
     """Run ``config.steps`` recovery iterations on ``model`` (a MedSAM module) in place.
 
+    Only the image encoder trains; every parameter's ``requires_grad`` flag is restored afterwards.
+
     Args:
         model: student; pruning masks may be attached as hooks (removed groups then get no gradient).
         teacher: outputs of the run's initial model.
@@ -194,6 +196,23 @@ def recover(
     Returns:
         ``{"steps", "losses"}`` with the per-iteration total loss.
     """
+    with preserved_requires_grad(model):
+        logging_options = (progress, description, tensorboard_dir, tensorboard_tag)
+        return _run_recovery(model, teacher, samples, config, device, checkpoint_dir, *logging_options)
+
+
+def _run_recovery(
+    model: nn.Module,
+    teacher: TeacherOutputs,
+    samples: Sequence[Mapping[str, Any]],
+    config: RecoveryConfig,
+    device: torch.device | str | None,
+    checkpoint_dir: str | Path | None,
+    progress: bool,
+    description: str,
+    tensorboard_dir: str | Path | None,
+    tensorboard_tag: str,
+) -> dict[str, Any]:
     if config.steps == 0:
         return {"steps": 0, "losses": []}
     if not samples:

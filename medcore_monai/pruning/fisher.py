@@ -18,7 +18,7 @@ import torch
 from ignite.engine import Engine, EventEnum, Events
 from torch import nn
 
-from ..engines.common import plain_tensor
+from ..engines.common import plain_tensor, preserved_requires_grad
 from ..losses import boundary_weighted_bce_dice
 from ..networks.structure import encoder_structure, group_sums
 
@@ -247,14 +247,15 @@ def compute_fisher(
         progress: show an Ignite progress bar.
         description: progress bar label.
     """
-    engine = create_fisher_engine(model, device, boundary_weight, reduction)
-    accumulator = FisherAccumulator(model.image_encoder, group_taylor=group_taylor).attach(engine)
-    if progress:
-        from ignite.handlers import ProgressBar
+    with preserved_requires_grad(model):
+        engine = create_fisher_engine(model, device, boundary_weight, reduction)
+        accumulator = FisherAccumulator(model.image_encoder, group_taylor=group_taylor).attach(engine)
+        if progress:
+            from ignite.handlers import ProgressBar
 
-        ProgressBar(desc=description, persist=False).attach(engine, output_transform=lambda loss: {"loss": loss})
-    engine.run(data, max_epochs=1)
-    return accumulator.result()
+            ProgressBar(desc=description, persist=False).attach(engine, output_transform=lambda loss: {"loss": loss})
+        engine.run(data, max_epochs=1)
+        return accumulator.result()
 
 
 def shard_for_process(samples: list) -> list:
