@@ -29,6 +29,7 @@ from .data.datasets import (
     preprocess_split,
 )
 from .data.splits import SplitManifest
+from .engines.common import input_problems, raise_problems
 from .engines.evaluation import evaluate_items, predict_native, slices_to_volumes, summarise
 from .engines.prune import PruneSettings, model_cost, run_prune
 from .files import atomic_path, write_json_atomic, write_text_atomic
@@ -95,19 +96,7 @@ def prune(**settings: Any) -> dict[str, Any]:
 
 
 def _problems_for_inputs(checkpoint: str | None, data_roots: Sequence[str] | None) -> list[str]:
-    problems = []
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        problems.append(f"checkpoint not found: {checkpoint}")
-    if data_roots is not None:
-        if not data_roots:
-            problems.append("data_roots is empty")
-        problems += [f"data root not found: {r}" for r in data_roots if not Path(r).exists()]
-    return problems
-
-
-def _fail_early(problems: list[str], action: str) -> None:
-    if problems:
-        raise ValueError(f"cannot start {action}:\n  " + "\n  ".join(problems))
+    return input_problems({"checkpoint": checkpoint}, data_roots)
 
 
 @torch.no_grad()
@@ -173,7 +162,7 @@ def evaluate(
     if split_manifest is not None and not Path(split_manifest).is_file():
         problems.append(f"split_manifest not found: {split_manifest}")
     corruption_grid, corruption_problems = _corruption_grid(corruptions, severities)
-    _fail_early(problems + corruption_problems, "evaluation")
+    raise_problems(problems + corruption_problems, "evaluation")
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = as_medsam(load_sam(checkpoint)).to(device_t)
     items = _evaluation_items(dataset_specs(data_roots, dataset_names, label_value), split_manifest, split)
@@ -290,9 +279,9 @@ def export(
     Writes ``model.pt`` (the compact checkpoint, reloadable with :func:`medcore_monai.networks.load_sam`),
     ``image_encoder.ts`` / ``image_encoder.onnx`` (each verified against eager) and ``export_manifest.json``.
     """
-    _fail_early(_problems_for_inputs(checkpoint, None), "export")
+    raise_problems(_problems_for_inputs(checkpoint, None), "export")
     unknown = sorted(set(formats) - {"torchscript", "onnx"})
-    _fail_early([f"unknown export formats {unknown}; use torchscript and/or onnx"] if unknown else [], "export")
+    raise_problems([f"unknown export formats {unknown}; use torchscript and/or onnx"] if unknown else [], "export")
     from .networks.export import export_onnx, export_torchscript, write_export_manifest
 
     output = Path(output_dir)
@@ -325,7 +314,7 @@ def infer(
     2D inputs give ``<dataset>/<stem>.png`` (0/255, original size); NIfTI inputs give
     ``<dataset>/<volume>.nii.gz`` with the input volume's affine (slices without foreground stay empty).
     """
-    _fail_early(_problems_for_inputs(checkpoint, data_roots), "inference")
+    raise_problems(_problems_for_inputs(checkpoint, data_roots), "inference")
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = as_medsam(load_sam(checkpoint)).to(device_t).eval()
     output = Path(output_dir)
@@ -408,7 +397,7 @@ def finetune(
     corruption_grid, corruption_problems = _corruption_grid(corruptions, severities)
     if svd_adaptation and "image_encoder" not in trainable_modules:
         problems.append("svd_adaptation trains the image encoder: add image_encoder to trainable_modules")
-    _fail_early(problems + corruption_problems, "fine-tuning")
+    raise_problems(problems + corruption_problems, "fine-tuning")
     from .data.cache import build_dataset
     from .engines.distributed import (
         distributed_loader,
@@ -521,7 +510,7 @@ def leverage(
     problems = _problems_for_inputs(medsam_ckpt, data_roots)
     if config.score in ("dual", "reset") and not sam_ckpt:
         problems.append(f"score {config.score!r} needs sam_ckpt")
-    _fail_early(problems, "leverage analysis")
+    raise_problems(problems, "leverage analysis")
     device_t = torch.device(config.device)
     model = as_medsam(load_sam(medsam_ckpt)).to(device_t)
     reference = MedSAM(load_sam(sam_ckpt), pixel_normalize=config.sam_pixel_normalize) if sam_ckpt else None
@@ -562,7 +551,7 @@ def fuse(
     target = Path(output_dir) / filename
     if target.resolve() in {Path(checkpoint).resolve(), Path(robustsam_ckpt).resolve()}:
         problems.append(f"output {target} would overwrite an input checkpoint")
-    _fail_early(problems, "fusion")
+    raise_problems(problems, "fusion")
     from .networks import fuse_checkpoints
 
     path = fuse_checkpoints(checkpoint, robustsam_ckpt, target)

@@ -91,3 +91,41 @@ def test_two_process_finetune_shards_data_and_writes_once(tmp_path):
     history = json.loads((tmp_path / "ft" / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
     assert (tmp_path / "ft" / "checkpoint_best.pth").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_bundle_finetune_on_two_processes(tmp_path):
+    """The documented command line: ``torchrun ... -m monai.bundle run finetune`` joins one process group."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from medcore_monai.demo import synthetic_items
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for item in synthetic_items(10, 64, seed=3):
+        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(image).save(data / "images" / f"{item['name']}.png")
+        Image.fromarray(item["label"] * 255).save(data / "masks" / f"{item['name']}.png")
+    checkpoint = tmp_path / "medsam_tiny.pth"
+    torch.save(build_sam("tiny", seed=0).state_dict(), checkpoint)
+    out = tmp_path / "ft"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "monai.bundle", "run", "finetune",
+        "--config_file", f"['{repo / 'bundle' / 'configs' / 'finetune.yaml'}']",
+        "--bundle_root", str(repo / "bundle"),
+        "--checkpoint", str(checkpoint), "--data_roots", f"['{data}']", "--finetune_dir", str(out),
+        "--device", "cpu", "--epochs", "1", "--batch_size", "2", "--progress", "false",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size: 2" in result.stdout + result.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["epochs"]) == 1 and (out / "checkpoint_best.pth").is_file()

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from monai.data import MetaTensor
 from torch import nn
 
-__all__ = ["plain_tensor", "prepare_medsam_batch", "preserved_requires_grad"]
+__all__ = ["input_problems", "plain_tensor", "prepare_medsam_batch", "preserved_requires_grad", "raise_problems"]
 
 
 def plain_tensor(value: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
@@ -47,3 +48,24 @@ def preserved_requires_grad(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+def input_problems(files: Mapping[str, str | None], data_roots: Sequence[str] | None) -> list[str]:
+    """What is wrong with a workflow's input files and data roots, every problem at once.
+
+    Args:
+        files: ``{setting name: path}`` of required files; ``None`` paths are not checked.
+        data_roots: dataset folders or datalists; ``None`` when the workflow reads no data.
+    """
+    problems = [f"{key} not found: {path}" for key, path in files.items() if path and not Path(path).is_file()]
+    if data_roots is not None:
+        if not data_roots:
+            problems.append("data_roots is empty")
+        problems += [f"data root not found: {root}" for root in data_roots if not Path(root).exists()]
+    return problems
+
+
+def raise_problems(problems: Sequence[str], action: str) -> None:
+    """Fail before any work with one message listing every problem (nothing when there are none)."""
+    if problems:
+        raise ValueError(f"cannot start {action}:\n  " + "\n  ".join(problems))

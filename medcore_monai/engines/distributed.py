@@ -10,6 +10,7 @@ With a single process every helper is a no-op, so the engines run unchanged. Und
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def initialise_from_environment() -> bool:
@@ -43,6 +45,12 @@ def initialise_from_environment() -> bool:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and idist.get_world_size() == 1:
         idist.initialize("nccl" if torch.cuda.is_available() else "gloo")
+        logger.info(
+            "joined a distributed run: rank %d, world size: %d, backend %s",
+            idist.get_rank(),
+            idist.get_world_size(),
+            idist.backend(),
+        )
     return idist.get_world_size() > 1
 
 

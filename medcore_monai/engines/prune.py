@@ -25,6 +25,7 @@ from ..losses.recovery import RecoveryLossWeights
 from ..networks import MedSAM, as_medsam, count_parameters, file_sha256, load_sam, save_sam
 from ..networks.structure import measure_flops
 from ..pruning.cascade import CascadeConfig, CascadeResult, run_cascade
+from .common import input_problems, raise_problems
 from .distributed import initialise_from_environment, is_main_process, process_device, synchronise
 from .evaluation import evaluate_items, summarise
 from .recovery import RecoveryConfig
@@ -149,14 +150,8 @@ def model_cost(model: MedSAM) -> dict[str, int]:
 
 
 def _check_inputs(settings: PruneSettings) -> None:
-    problems = []
-    if not settings.data_roots:
-        problems.append("data_roots is empty")
-    problems += [f"data root not found: {r}" for r in settings.data_roots if not Path(r).exists()]
-    for key in ("medsam_ckpt", "sam_ckpt"):
-        path = getattr(settings, key)
-        if path and not Path(path).is_file():
-            problems.append(f"{key} not found: {path}")
+    checkpoints = {key: getattr(settings, key) for key in ("medsam_ckpt", "sam_ckpt")}
+    problems = input_problems(checkpoints, list(settings.data_roots))
     if settings.score in ("dual", "reset") and not settings.sam_ckpt:
         problems.append(f"score {settings.score!r} needs sam_ckpt (the general SAM the medical model came from)")
     if settings.dataset_names is not None and len(settings.dataset_names) != len(settings.data_roots):
@@ -166,8 +161,7 @@ def _check_inputs(settings: PruneSettings) -> None:
         path = getattr(settings, key)
         if path and Path(path).resolve().parent == out and Path(path).name == "model_pruned.pt":
             problems.append(f"output_dir would overwrite the input checkpoint {path}")
-    if problems:
-        raise ValueError("cannot start pruning:\n  " + "\n  ".join(problems))
+    raise_problems(problems, "pruning")
 
 
 def _load_models(settings: PruneSettings) -> tuple[MedSAM, MedSAM | None]:
