@@ -103,6 +103,20 @@ def _restore_kept_indices(sam: nn.Module, manifest: list[dict[str, Any]]) -> Non
         blk.medcore_kept_channels = list(entry["kept_channels"])
 
 
+def checkpoint_config(
+    state: dict[str, torch.Tensor], manifest: dict[str, Any] | None, model_type: str, source: str
+) -> SamConfig:
+    """The architecture of a checkpoint: its compact manifest, else a preset name, else its tensor shapes."""
+    if manifest is not None:
+        return SamConfig.from_dict(manifest["config"])
+    if model_type != "auto":
+        return get_preset(model_type)
+    try:
+        return infer_sam_config(state)
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{source}: cannot infer the SAM architecture: {err}") from None
+
+
 def load_sam(path: str | os.PathLike, model_type: str = "auto") -> nn.Module:
     """Build a SAM/MedSAM model from a checkpoint file, strictly.
 
@@ -128,16 +142,7 @@ def load_sam(path: str | os.PathLike, model_type: str = "auto") -> nn.Module:
 
         return robust_sam_from_checkpoint(obj, source=str(path), model_type=model_type)
     manifest = obj.get("medcore") if isinstance(obj, dict) else None
-    if manifest is not None:
-        config = SamConfig.from_dict(manifest["config"])
-    elif model_type == "auto":
-        try:
-            config = infer_sam_config(state)
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: cannot infer the SAM architecture: {err}") from None
-    else:
-        config = get_preset(model_type)
-    sam = build_sam(config)
+    sam = build_sam(checkpoint_config(state, manifest, model_type, str(path)))
     load_state_dict_strict(sam, state, source=str(path))
     if manifest is not None:
         _restore_kept_indices(sam, manifest["blocks"])

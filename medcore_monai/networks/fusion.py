@@ -37,6 +37,7 @@ from .build import (
     FORMAT_VERSION,
     _restore_kept_indices,
     build_sam,
+    checkpoint_config,
     compact_manifest,
     current_config,
     file_sha256,
@@ -633,14 +634,7 @@ def robust_sam_from_checkpoint(obj: Any, source: str = "checkpoint", model_type:
         decoder = manifest.get("decoder", DECODER_NAME)
         if decoder != DECODER_NAME:
             raise CheckpointError(f"{source}: manifest names decoder {decoder!r}, expected {DECODER_NAME!r}")
-        config = SamConfig.from_dict(manifest["config"])
-    elif model_type == "auto":
-        try:
-            config = infer_sam_config(state)
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{source}: cannot infer the SAM architecture: {err}") from None
-    else:
-        config = get_preset(model_type)
+    config = checkpoint_config(state, manifest, model_type, source)
     sam = build_robust_sam(config)
     load_state_dict_strict(sam, state, source=source)
     if manifest is not None:
