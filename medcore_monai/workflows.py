@@ -33,7 +33,7 @@ from .engines.common import input_problems, raise_problems
 from .engines.evaluation import evaluate_items, predict_native, slices_to_volumes, summarise
 from .engines.prune import PruneSettings, model_cost, run_prune
 from .files import atomic_path, write_json_atomic, write_text_atomic
-from .networks import MedSAM, as_medsam, load_sam, read_checkpoint, save_sam
+from .networks import MedSAM, RobustMedSAM, as_medsam, load_sam, read_checkpoint, save_sam
 from .networks.build import file_sha256
 
 __all__ = [
@@ -374,6 +374,7 @@ def finetune(
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     svd_adaptation: bool = False,
     svd_include_convs: bool = False,
+    consistency_loss: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a (pruned, compact, or fused RobustMedSAM) model on the training split with early stopping.
 
@@ -387,6 +388,9 @@ def finetune(
     * ``corruptions`` (names or ``"all"``): each training image is degraded by one corruption and severity
       drawn at random (or left clean, as often as each corruption), and the validation images by a fixed
       draw; with ``trainable_modules: [mask_decoder]`` this is decoder-only fine-tuning on corrupted data.
+    * ``consistency_loss`` (a fused model with a RobustSAM decoder, and ``corruptions``): RobustSAM's loss,
+      focal + Dice on the degraded view plus MSE between its robust features / token and the clean view's
+      (:mod:`medcore_monai.engines.robust`), instead of Dice + BCE.
     * ``svd_adaptation``: the encoder's linear layers (and its convs with ``svd_include_convs``) train
       only a scale and shift of their singular values; the result is merged back into plain weights, so
       ``checkpoint_best.pth`` is a stock (prunable, exportable) checkpoint.
@@ -397,6 +401,8 @@ def finetune(
     corruption_grid, corruption_problems = _corruption_grid(corruptions, severities)
     if svd_adaptation and "image_encoder" not in trainable_modules:
         problems.append("svd_adaptation trains the image encoder: add image_encoder to trainable_modules")
+    if consistency_loss and not corruption_grid:
+        problems.append("consistency_loss compares clean and corrupted views: set corruptions")
     raise_problems(problems + corruption_problems, "fine-tuning")
     from .data.cache import build_dataset
     from .engines.distributed import (
@@ -411,6 +417,9 @@ def finetune(
     initialise_from_environment()
     device_t = process_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = as_medsam(load_sam(checkpoint))
+    if consistency_loss and not isinstance(model, RobustMedSAM):
+        raise_problems([f"consistency_loss needs a RobustSAM decoder; {checkpoint} has a plain one"], "fine-tuning")
+    clean_key = "image_clean" if consistency_loss else None
     data = prepare_splits(
         dataset_specs(data_roots, dataset_names, label_value), seed=seed, manifest_path=split_manifest
     )
@@ -422,11 +431,11 @@ def finetune(
     val_items = [i for name in data.items for i in data.split(name, "val")][:max_train_images]
     train_transform = medsam_preprocess(model.img_size, bbox_shift, seed, deterministic=False, label_value=label_value)
     if corruption_grid:
-        train_transform = _with_random_corruption(train_transform, corruption_grid, seed)
+        train_transform = _with_random_corruption(train_transform, corruption_grid, seed, clean_key)
     train_ds = build_dataset(train_items, train_transform, progress=progress)
     val_ds = preprocess_split(val_items, model.img_size, bbox_shift, seed, label_value)
     if corruption_grid:
-        val_ds = _fixed_corruptions(val_ds, corruption_grid, seed)
+        val_ds = _fixed_corruptions(val_ds, corruption_grid, seed, clean_key)
     if svd_adaptation:
         from .robust.svd import apply_svd_adaptation, svd_parameter_count
 
@@ -449,6 +458,7 @@ def finetune(
         trainable=tuple(trainable_modules),
         tensorboard_dir=tensorboard_dir,
         restore_best=not svd_adaptation,  # the best file holds merged weights: merge first, then restore
+        objective=_consistency_objective(model) if consistency_loss else None,
     )
     if svd_adaptation:
         from .robust.svd import merge_svd_adaptation
@@ -458,10 +468,17 @@ def finetune(
             model.load_state_dict(read_checkpoint(result["best_checkpoint"])["state_dict"], strict=True)
     result["corruptions"] = sorted({name for name, _ in corruption_grid})
     result["svd_adaptation"] = svd_adaptation
+    result["loss"] = "robust consistency" if consistency_loss else "dice + bce"
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
 
 
-def _with_random_corruption(transform, grid: Sequence[tuple[str, int]], seed: int):
+def _consistency_objective(model):
+    from .engines.robust import consistency_objective
+
+    return consistency_objective(model)
+
+
+def _with_random_corruption(transform, grid: Sequence[tuple[str, int]], seed: int, clean_key: str | None = None):
     """``transform`` followed by :class:`RandCorruptiond`, flat so the deterministic part stays cacheable."""
     from monai.transforms import Compose, Randomizable
 
@@ -469,7 +486,8 @@ def _with_random_corruption(transform, grid: Sequence[tuple[str, int]], seed: in
 
     names = sorted({n for n, _ in grid})
     severities = sorted({s for _, s in grid})
-    steps = [*transform.transforms, RandCorruptiond(keys="image", names=names, severities=severities)]
+    corruption = RandCorruptiond(keys="image", names=names, severities=severities, clean_key=clean_key)
+    steps = [*transform.transforms, corruption]
     pipeline = Compose(steps)
     # Compose re-seeds its members from MONAI's global seed; seed the random ones from ours afterwards
     for offset, step in enumerate(t for t in steps if isinstance(t, Randomizable)):
@@ -477,13 +495,15 @@ def _with_random_corruption(transform, grid: Sequence[tuple[str, int]], seed: in
     return pipeline
 
 
-def _fixed_corruptions(samples, grid: Sequence[tuple[str, int]], seed: int) -> list[dict[str, Any]]:
+def _fixed_corruptions(
+    samples, grid: Sequence[tuple[str, int]], seed: int, clean_key: str | None = None
+) -> list[dict[str, Any]]:
     """Validation samples degraded once by a seeded draw, so every epoch validates on the same images."""
     from .transforms.corruptions import RandCorruptiond
 
-    draw = RandCorruptiond(
-        keys="image", names=sorted({n for n, _ in grid}), severities=sorted({s for _, s in grid})
-    ).set_random_state(seed=seed)
+    names, severities = sorted({n for n, _ in grid}), sorted({s for _, s in grid})
+    draw = RandCorruptiond(keys="image", names=names, severities=severities, clean_key=clean_key)
+    draw.set_random_state(seed=seed)
     return [draw(samples[i]) for i in range(len(samples))]
 
 

@@ -271,3 +271,63 @@ def test_rand_corruption_draws_clean_and_each_corruption_reproducibly():
 def test_as_medsam_picks_the_wrapper_for_the_decoder():
     assert type(as_medsam(build_sam("tiny"))) is MedSAM
     assert type(as_medsam(build_robust_sam("tiny"))) is RobustMedSAM
+
+
+def test_consistency_finetuning_trains_the_robust_decoder_on_clean_degraded_pairs(fused, png_dataset, tmp_path):
+    path, _ = fused
+    out = tmp_path / "consistency"
+    result = _run(
+        "finetune",
+        {
+            "checkpoint": str(path),
+            "data_roots": [str(png_dataset)],
+            "finetune_dir": str(out),
+            "epochs": 1,
+            "batch_size": 2,
+            "trainable_modules": ["mask_decoder"],
+            "corruptions": ["gauss_noise", "rician_noise"],
+            "severities": [3],
+            "consistency_loss": True,
+            "progress": False,
+        },
+    )[0]
+    assert result["loss"] == "robust consistency"
+    history = json.loads((out / "history.json").read_text())["epochs"]
+    assert np.isfinite(history[0]["train_loss"]) and np.isfinite(history[0]["val_loss"])
+    before, after = load_sam(path).state_dict(), load_sam(out / "checkpoint_best.pth").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mask_decoder.") for k in changed)
+
+
+def test_consistency_loss_needs_corruptions_and_a_robust_decoder(checkpoints, fused, png_dataset, tmp_path):
+    common = {"data_roots": [str(png_dataset)], "finetune_dir": str(tmp_path), "consistency_loss": True}
+    with pytest.raises(Exception) as err:
+        _run("finetune", common | {"checkpoint": str(fused[0])})
+    assert "consistency_loss compares clean and corrupted views" in _chain(err.value)
+    with pytest.raises(Exception) as err:
+        _run("finetune", common | {"checkpoint": str(checkpoints / "medsam_dense.pth"), "corruptions": "all"})
+    assert "needs a RobustSAM decoder" in _chain(err.value)
+
+
+def test_robust_consistency_loss_terms_and_weights():
+    from medcore_monai.losses import RobustLossWeights, robust_consistency_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(2, 1, 8, 8, generator=g), (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    features, token = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 1, 16, generator=g)
+    same = robust_consistency_loss(logits, target, features, features, token, token)
+    assert same["token"] == 0 and same["features"] == 0
+    assert same["loss"] == pytest.approx(float(20 * same["focal"] + same["dice"]))
+    shifted = robust_consistency_loss(logits, target, features + 0.5, features, token + 1.0, token)
+    assert shifted["features"] == pytest.approx(0.25) and shifted["token"] == pytest.approx(1.0)
+    weights = RobustLossWeights(focal=0, dice=0, token=3, features=0)
+    assert float(robust_consistency_loss(logits, target, features, features, token + 1.0, token, weights)["loss"]) == (
+        pytest.approx(3.0)
+    )
+
+
+def test_rand_corruption_keeps_the_clean_view_when_asked():
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    draw = RandCorruptiond(keys="image", names=["gauss_noise"], include_clean=False, clean_key="image_clean")
+    out = draw.set_random_state(seed=0)({"image": image})
+    assert torch.equal(out["image_clean"], image) and not torch.equal(out["image"], image)

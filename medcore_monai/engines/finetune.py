@@ -26,6 +26,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from .distributed import data_parallel, is_main_process, synchronise
 
 __all__ = [
     "BEST_CHECKPOINT",
+    "FinetuneObjective",
     "HISTORY_FILE",
     "LATEST_CHECKPOINT",
     "cosine_lr_factor",
@@ -186,19 +188,39 @@ def _freeze_outside(model: MedSAM, trainable: Sequence[str]) -> None:
             param.requires_grad_(False)
 
 
+@dataclass(frozen=True)
+class FinetuneObjective:
+    """What one fine-tuning step computes: the network the engines call, its batch layout and the loss.
+
+    The default trains the model itself with :func:`finetune_loss` on ``prepare_medsam_batch`` batches.
+    Another objective (e.g. RobustSAM's clean-vs-degraded consistency,
+    :func:`medcore_monai.engines.robust.consistency_objective`) wraps the model in a module whose output
+    its loss understands; validation uses the same three, so the monitored loss is the trained one.
+    """
+
+    network: nn.Module | None = None
+    loss: Callable[[Any, torch.Tensor], torch.Tensor] = finetune_loss
+    prepare_batch: Callable[..., Any] = prepare_medsam_batch
+
+
 def _loss_metric_value(output: Mapping[str, Any]) -> torch.Tensor:
     return output[Keys.LOSS].detach()
 
 
 def _build_evaluator(
-    model: MedSAM, val_loader: Iterable, device: torch.device, amp: bool, progress: bool
+    network: nn.Module,
+    objective: FinetuneObjective,
+    val_loader: Iterable,
+    device: torch.device,
+    amp: bool,
+    progress: bool,
 ) -> SupervisedEvaluator:
     evaluator = SupervisedEvaluator(
         device=device,
         val_data_loader=val_loader,
-        network=model,
-        prepare_batch=prepare_medsam_batch,
-        key_val_metric={"val_loss": Loss(finetune_loss, output_transform=from_engine([Keys.PRED, Keys.LABEL]))},
+        network=network,
+        prepare_batch=objective.prepare_batch,
+        key_val_metric={"val_loss": Loss(objective.loss, output_transform=from_engine([Keys.PRED, Keys.LABEL]))},
         metric_cmp_fn=lambda current, best: current < best,
         amp=amp,
         decollate=False,
@@ -250,6 +272,7 @@ def finetune(
     restore_best: bool = True,
     trainable: Sequence[str] = ("image_encoder", "mask_decoder"),
     tensorboard_dir: str | os.PathLike | None = None,
+    objective: FinetuneObjective | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a (pruned) MedSAM on box-prompted batches and keep the best model by validation loss.
 
@@ -280,6 +303,7 @@ def finetune(
         trainable: the submodules to train (the IoU head is always frozen). ``("mask_decoder",)`` is
             RobustMedSAM's decoder-only fine-tuning.
         tensorboard_dir: log the training loss per iteration and the epoch losses there.
+        objective: network wrapper, batch layout and loss (default: the model, ``finetune_loss``).
 
     Returns:
         ``{"history", "best_checkpoint", "best_epoch", "best_loss", "latest_checkpoint", "stopped_early",
@@ -302,7 +326,18 @@ def finetune(
     with preserved_requires_grad(model):
         _freeze_outside(model, trainable)
         return _FinetuneRun(
-            model, train_loader, val_loader, output_dir, epochs, lr, weight_decay, patience, amp, device, progress
+            model,
+            train_loader,
+            val_loader,
+            output_dir,
+            epochs,
+            lr,
+            weight_decay,
+            patience,
+            amp,
+            device,
+            progress,
+            objective or FinetuneObjective(),
         ).run(
             resume=resume,
             seed=seed,
@@ -328,8 +363,10 @@ class _FinetuneRun:
         amp: bool,
         device: torch.device,
         progress: bool,
+        objective: FinetuneObjective,
     ) -> None:
         self.model = model.to(device)
+        network = (objective.network or model).to(device)
         self.output_dir = output_dir
         self.epochs = epochs
         self.patience = patience
@@ -345,15 +382,15 @@ class _FinetuneRun:
             device=device,
             max_epochs=epochs,
             train_data_loader=train_loader,
-            network=data_parallel(model, device),
+            network=data_parallel(network, device),
             optimizer=self.optimizer,
-            loss_function=finetune_loss,
-            prepare_batch=prepare_medsam_batch,
+            loss_function=objective.loss,
+            prepare_batch=objective.prepare_batch,
             amp=amp,
             decollate=False,
         )
         self.evaluator = (
-            _build_evaluator(model, val_loader, device, amp, progress and is_main_process())
+            _build_evaluator(network, objective, val_loader, device, amp, progress and is_main_process())
             if val_loader is not None
             else None
         )

@@ -609,6 +609,8 @@ class RandCorruptiond(Randomizable, MapTransform):
         names: Corruptions to draw from (default: all 12).
         severities: Severities to draw from.
         include_clean: Also draw "no corruption", with the same probability as each corruption.
+        clean_key: Also keep the uncorrupted first image key under this key (clean/degraded pairs for
+            RobustSAM's consistency loss).
         allow_missing_keys: Skip missing keys instead of raising.
     """
 
@@ -618,9 +620,11 @@ class RandCorruptiond(Randomizable, MapTransform):
         names: tuple[str, ...] | list[str] = CORRUPTIONS,
         severities: tuple[int, ...] | list[int] = (3,),
         include_clean: bool = True,
+        clean_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        self.clean_key = clean_key
         for name in names:
             _check_name(name)
         for severity in severities:
@@ -644,6 +648,8 @@ class RandCorruptiond(Randomizable, MapTransform):
         self.randomize()
         out = dict(data)
         out["corruption"] = "clean" if self._choice is None else f"{self._choice[0]}@{self._choice[1]}"
+        if self.clean_key is not None:
+            out[self.clean_key] = out[self.first_key(out)]
         if self._choice is None:
             return out
         for key in self.key_iterator(out):
