@@ -135,9 +135,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--plot-only", action="store_true", help="redraw the figure from an existing --out JSON")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of an existing --out JSON")
     args = parser.parse_args()
-    if args.plot_only:
-        plot_robustness(json.loads(Path(args.out).read_text())["rows"], Path(args.out).with_suffix(".png"))
+    if args.plot_only or args.markdown:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        if args.markdown:
+            print(markdown_tables(rows))
+        if args.plot_only:
+            plot_robustness(rows, Path(args.out).with_suffix(".png"))
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -178,6 +183,36 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
     plot_robustness(rows, Path(args.out).with_suffix(".png"))
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    """A summary table (cost, clean and degraded Dice/BF1) and a per-corruption Dice table."""
+    severities = list(rows[0]["mean_degraded_dice_by_severity"])
+    header = ["model", "encoder params", "total params", "total GFLOPs", "clean Dice", "clean BF1"]
+    header += [f"degraded Dice, severity {s}" for s in severities] + ["mean degraded Dice", "mean degraded BF1"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        bf1 = np.mean([v["bf1"] for v in row["degraded"].values()])
+        cells = [
+            row["model"],
+            f"{row['encoder_params'] / 1e6:.2f} M",
+            f"{row['total_params'] / 1e6:.2f} M",
+            f"{row['total_flops'] / 1e9:.2f}",
+            f"{row['clean']['dice']:.4f}",
+            f"{row['clean']['bf1']:.4f}",
+            *(f"{row['mean_degraded_dice_by_severity'][s]:.4f}" for s in severities),
+            f"{row['mean_degraded_dice']:.4f}",
+            f"{bf1:.4f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| corruption (Dice, mean over severities) | " + " | ".join(r["model"] for r in rows) + " |"]
+    lines.append("|" + "---|" * (len(rows) + 1))
+    for corruption in CORRUPTIONS:
+        values = [
+            np.mean([v["dice"] for k, v in r["degraded"].items() if k.split("@")[0] == corruption]) for r in rows
+        ]
+        lines.append(f"| {corruption} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    return "\n".join(lines)
 
 
 def plot_robustness(rows: list[dict], path: Path) -> Path:
