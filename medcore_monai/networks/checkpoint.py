@@ -80,10 +80,34 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.
     return state
 
 
-def _format_keys(keys: list[str]) -> str:
+def format_keys(keys: list[str]) -> str:
+    """The first keys of a list, then how many more, for error messages."""
     shown = ", ".join(keys[:_MAX_LISTED_KEYS])
     more = len(keys) - _MAX_LISTED_KEYS
     return shown + (f" ... and {more} more" if more > 0 else "")
+
+
+def key_problems(given: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches of ``given`` against ``expected`` (key -> shape)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {given[k]} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(given))
+        if given[k] != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {format_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {format_keys(mismatched)}")
+    return problems
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()}
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "") -> None:
@@ -92,21 +116,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     Raises:
         CheckpointError: listing missing keys, unexpected keys and shape mismatches in one message.
     """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_format_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {_format_keys(mismatched)}")
+    problems = key_problems(_shapes(state_dict), _shapes(model.state_dict()))
     if problems:
         where = f" from {source}" if source else ""
         raise CheckpointError(f"state dict{where} does not match the model:\n  " + "\n  ".join(problems))

@@ -42,7 +42,14 @@ from .build import (
     current_config,
     file_sha256,
 )
-from .checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, read_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    format_keys,
+    key_problems,
+    load_state_dict_strict,
+    read_checkpoint,
+)
 from .config import SamConfig, get_preset, infer_sam_config
 from .medsam import MedSAM
 from .robust_decoder import RobustDecoderOutput, RobustMaskDecoder, is_robust_decoder_key
@@ -75,7 +82,6 @@ EARLY_FEATURES_ATTR = "medcore_early_features"
 
 _ENCODER_PREFIXES = ("image_encoder.", "prompt_encoder.")
 _DECODER_PREFIX = "mask_decoder."
-_MAX_LISTED = 12
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,12 +329,6 @@ def as_medsam(sam: nn.Module, pixel_normalize: bool = False) -> MedSAM:
 # --------------------------------------------------------------------------------------------------
 
 
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    more = len(keys) - _MAX_LISTED
-    return shown + (f" ... and {more} more" if more > 0 else "")
-
-
 def _strip_module_prefix(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Drop ``module.`` (DistributedDataParallel) from every key that has it."""
     out: dict[str, torch.Tensor] = {}
@@ -413,24 +413,12 @@ def _part_problems(
     source: str,
 ) -> list[str]:
     """Missing, unexpected and mis-shaped keys of the part of ``state`` under ``prefixes``."""
-    given = {k for k in state if k.startswith(prefixes)}
-    wanted = {k for k in schema if k.startswith(prefixes)}
+    given = {k: tuple(v.shape) for k, v in state.items() if k.startswith(prefixes)}
+    wanted = {k: shape for k, shape in schema.items() if k.startswith(prefixes)}
     foreign = sorted(k for k in state if not k.startswith((*_ENCODER_PREFIXES, _DECODER_PREFIX)))
-    missing, unexpected = sorted(wanted - given), sorted(given - wanted)
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {schema[k]}"
-        for k in sorted(wanted & given)
-        if tuple(state[k].shape) != schema[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{source}: missing keys ({len(missing)}): {_listed(missing)}")
-    if unexpected:
-        problems.append(f"{source}: unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
-    if mismatched:
-        problems.append(f"{source}: shape mismatches ({len(mismatched)}): {_listed(mismatched)}")
+    problems = [f"{source}: {problem}" for problem in key_problems(given, wanted)]
     if foreign:
-        problems.append(f"{source}: keys outside image_encoder/prompt_encoder/mask_decoder: {_listed(foreign)}")
+        problems.append(f"{source}: keys outside image_encoder/prompt_encoder/mask_decoder: {format_keys(foreign)}")
     return problems
 
 
