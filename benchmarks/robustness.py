@@ -43,7 +43,8 @@ from medcore_monai.engines.prune import PruneSettings, calibration_samples, mode
 from medcore_monai.engines.recovery import RecoveryConfig
 from medcore_monai.networks import MedSAM, RobustMaskDecoder, RobustMedSAM, load_sam
 from medcore_monai.pruning.cascade import CascadeConfig, run_cascade
-from medcore_monai.transforms import CORRUPTIONS, RandCorruptiond, medsam_preprocess
+from medcore_monai.transforms import CORRUPTIONS, SEVERITIES, medsam_preprocess
+from medcore_monai.transforms.corruptions import corrupted_once, with_random_corruption
 
 
 def _evaluate(model, samples, device) -> dict:
@@ -59,18 +60,11 @@ def _with_robust_decoder(model: MedSAM) -> RobustMedSAM:
 
 def _corrupted_training_data(items, val_samples, size: int, seed: int):
     """Training pipeline with a random corruption (or clean) per image, and a fixed corrupted validation set."""
-    from monai.transforms import Compose, Randomizable
-
     from medcore_monai.data.cache import build_dataset
 
     base = medsam_preprocess(size, bbox_shift=5, seed=seed, deterministic=False)
-    steps = [*base.transforms, RandCorruptiond(keys="image", severities=(1, 2, 3, 4, 5))]
-    pipeline = Compose(steps)
-    for offset, step in enumerate(t for t in steps if isinstance(t, Randomizable)):
-        step.set_random_state(seed=seed + offset)
-    draw = RandCorruptiond(keys="image", severities=(1, 2, 3, 4, 5)).set_random_state(seed=seed)
-    val = [draw(val_samples[i]) for i in range(len(val_samples))]
-    return build_dataset(list(items), pipeline), val
+    pipeline = with_random_corruption(base, CORRUPTIONS, SEVERITIES, seed)
+    return build_dataset(list(items), pipeline), corrupted_once(val_samples, CORRUPTIONS, SEVERITIES, seed)
 
 
 def _decoder_finetuned(model, train_ds, val_ds, args, device) -> tuple[MedSAM, dict]:

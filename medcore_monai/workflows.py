@@ -413,6 +413,7 @@ def finetune(
     )
     from .engines.finetune import finetune as run_finetune
     from .transforms import medsam_preprocess
+    from .transforms.corruptions import corrupted_once, with_random_corruption
 
     initialise_from_environment()
     device_t = process_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -431,11 +432,11 @@ def finetune(
     val_items = [i for name in data.items for i in data.split(name, "val")][:max_train_images]
     train_transform = medsam_preprocess(model.img_size, bbox_shift, seed, deterministic=False, label_value=label_value)
     if corruption_grid:
-        train_transform = _with_random_corruption(train_transform, corruption_grid, seed, clean_key)
+        train_transform = with_random_corruption(train_transform, *_grid_axes(corruption_grid), seed, clean_key)
     train_ds = build_dataset(train_items, train_transform, progress=progress)
     val_ds = preprocess_split(val_items, model.img_size, bbox_shift, seed, label_value)
     if corruption_grid:
-        val_ds = _fixed_corruptions(val_ds, corruption_grid, seed, clean_key)
+        val_ds = corrupted_once(val_ds, *_grid_axes(corruption_grid), seed, clean_key)
     if svd_adaptation:
         from .robust.svd import apply_svd_adaptation, svd_parameter_count
 
@@ -478,33 +479,8 @@ def _consistency_objective(model):
     return consistency_objective(model)
 
 
-def _with_random_corruption(transform, grid: Sequence[tuple[str, int]], seed: int, clean_key: str | None = None):
-    """``transform`` followed by :class:`RandCorruptiond`, flat so the deterministic part stays cacheable."""
-    from monai.transforms import Compose, Randomizable
-
-    from .transforms.corruptions import RandCorruptiond
-
-    names = sorted({n for n, _ in grid})
-    severities = sorted({s for _, s in grid})
-    corruption = RandCorruptiond(keys="image", names=names, severities=severities, clean_key=clean_key)
-    steps = [*transform.transforms, corruption]
-    pipeline = Compose(steps)
-    # Compose re-seeds its members from MONAI's global seed; seed the random ones from ours afterwards
-    for offset, step in enumerate(t for t in steps if isinstance(t, Randomizable)):
-        step.set_random_state(seed=seed + offset)
-    return pipeline
-
-
-def _fixed_corruptions(
-    samples, grid: Sequence[tuple[str, int]], seed: int, clean_key: str | None = None
-) -> list[dict[str, Any]]:
-    """Validation samples degraded once by a seeded draw, so every epoch validates on the same images."""
-    from .transforms.corruptions import RandCorruptiond
-
-    names, severities = sorted({n for n, _ in grid}), sorted({s for _, s in grid})
-    draw = RandCorruptiond(keys="image", names=names, severities=severities, clean_key=clean_key)
-    draw.set_random_state(seed=seed)
-    return [draw(samples[i]) for i in range(len(samples))]
+def _grid_axes(grid: Sequence[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    return sorted({n for n, _ in grid}), sorted({s for _, s in grid})
 
 
 def leverage(

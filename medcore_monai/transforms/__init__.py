@@ -7,8 +7,10 @@ from medcore_monai.transforms.corruptions import (
     Corruptd,
     RandCorruptiond,
     corrupt,
+    corrupted_once,
     corruption_seed,
     severity_parameters,
+    with_random_corruption,
 )
 from medcore_monai.transforms.medsam import (
     EMPTY_MASK_POLICIES,
@@ -43,9 +45,11 @@ __all__ = [
     "binarize_mask",
     "box_from_mask",
     "corrupt",
+    "corrupted_once",
     "corruption_seed",
     "jitter_seed",
     "medsam_preprocess",
     "min_max_scale",
     "severity_parameters",
+    "with_random_corruption",
 ]

@@ -82,7 +82,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -90,6 +90,7 @@ import torch
 from monai.config import KeysCollection
 from monai.networks.layers import separable_filtering
 from monai.transforms import (
+    Compose,
     MapTransform,
     RandGaussianNoise,
     Randomizable,
@@ -109,8 +110,10 @@ __all__ = [
     "Corruptd",
     "RandCorruptiond",
     "corrupt",
+    "corrupted_once",
     "corruption_seed",
     "severity_parameters",
+    "with_random_corruption",
 ]
 
 CORRUPTIONS = (
@@ -655,3 +658,36 @@ class RandCorruptiond(Randomizable, MapTransform):
         for key in self.key_iterator(out):
             out[key] = corrupt(out[key], self._choice[0], self._choice[1], seed=self._seed)
         return out
+
+
+def with_random_corruption(
+    transform: Compose,
+    names: Sequence[str],
+    severities: Sequence[int],
+    seed: int,
+    clean_key: str | None = None,
+) -> Compose:
+    """``transform`` followed by :class:`RandCorruptiond` on ``image``, flat so its deterministic part stays cacheable.
+
+    Every random step (the transform's own and the corruption) is seeded from ``seed``.
+    """
+    corruption = RandCorruptiond(keys="image", names=names, severities=severities, clean_key=clean_key)
+    steps = [*transform.transforms, corruption]
+    pipeline = Compose(steps)
+    # Compose re-seeds its members from MONAI's global seed; seed the random ones from ours afterwards
+    for offset, step in enumerate(t for t in steps if isinstance(t, Randomizable)):
+        step.set_random_state(seed=seed + offset)
+    return pipeline
+
+
+def corrupted_once(
+    samples: Sequence[Mapping[Hashable, Any]],
+    names: Sequence[str],
+    severities: Sequence[int],
+    seed: int,
+    clean_key: str | None = None,
+) -> list[dict[Hashable, Any]]:
+    """``samples`` degraded by one seeded :class:`RandCorruptiond` draw each (e.g. a fixed validation set)."""
+    draw = RandCorruptiond(keys="image", names=names, severities=severities, clean_key=clean_key)
+    draw.set_random_state(seed=seed)
+    return [draw(samples[i]) for i in range(len(samples))]
