@@ -17,30 +17,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import DataLoader
+from common import evaluate_summary, kvasir_setup, write_results
 
-from medcore_monai.data.datasets import DatasetSpec, prepare_splits, preprocess_split
-from medcore_monai.engines.evaluation import evaluate_model, summarise
-from medcore_monai.engines.prune import PruneSettings, calibration_samples, model_cost
+from medcore_monai.engines.prune import model_cost
 from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs, recover
-from medcore_monai.networks import MedSAM, load_sam
+from medcore_monai.networks import MedSAM
 from medcore_monai.pruning.cascade import CascadeConfig, run_cascade, score_model_methods
 
 METHODS = [("dual", 0), ("zero", 0), ("reset", 0), ("taylor", 0), ("magnitude", 0), ("random", 0), ("random", 1),
            ("random", 2)]  # fmt: skip
 BUDGETS = {"-30%": 0.32, "-60%": 0.63, "-80%": 0.84}
-
-
-def _evaluate(model, test_samples, device) -> dict:
-    return summarise(evaluate_model(model, DataLoader(test_samples, batch_size=8), device))
 
 
 def _dense_with_recovery(medsam, calibration, recovery: RecoveryConfig, device) -> MedSAM:
@@ -74,14 +65,8 @@ def main() -> None:
     device = torch.device(args.device)
     start = time.perf_counter()
 
-    settings = PruneSettings(cal_size=args.cal_size, progress=False, seed=42)
-    data = prepare_splits([DatasetSpec(args.kvasir_root, "kvasir")], seed=42, cal_size=args.cal_size)
-    medsam = MedSAM(load_sam(args.medsam)).to(device)
-    reference = MedSAM(load_sam(args.sam), pixel_normalize=True).to(device)
-    calibration = calibration_samples(medsam, data, settings)
-    test_items = data.split("kvasir", "test")[: args.max_test]
-    # decoded and resized once; deterministic 0-5 px box jitter per image name
-    test_samples = preprocess_split(test_items, medsam.img_size, bbox_shift=5, seed=42)
+    setup = kvasir_setup(args.kvasir_root, args.medsam, args.sam, args.cal_size, args.max_test, device)
+    medsam, reference, calibration, test_samples = setup.medsam, setup.reference, setup.calibration, setup.test_samples
     recovery = RecoveryConfig(steps=args.recovery_steps, lr=1e-5, seed=42)
 
     rows = [
@@ -89,13 +74,12 @@ def main() -> None:
             "method": "dense (no recovery)",
             "budget": "0%",
             **model_cost(medsam),
-            **_evaluate(medsam, test_samples, device),
+            **evaluate_summary(medsam, test_samples, device),
         }
     ]
     dense = _dense_with_recovery(medsam, calibration, recovery, device)
-    rows.append(
-        {"method": "dense + recovery", "budget": "0%", **model_cost(dense), **_evaluate(dense, test_samples, device)}
-    )
+    dense_row = {"method": "dense + recovery", "budget": "0%", **model_cost(dense)}
+    rows.append(dense_row | evaluate_summary(dense, test_samples, device))
     print(json.dumps(rows[-1]), flush=True)
 
     scored = score_model_methods(medsam, calibration, METHODS, CascadeConfig(), reference, device, progress=False)
@@ -107,20 +91,20 @@ def main() -> None:
             )
             result = run_cascade(model, calibration, config, reference, device, progress=False, precomputed=precomputed)
             row = {"method": method, "seed": seed, "budget": budget, **model_cost(model)}
-            row |= {"achieved": [r.achieved_sparsity for r in result.budgets], **_evaluate(model, test_samples, device)}
+            row["achieved"] = [r.achieved_sparsity for r in result.budgets]
+            row |= evaluate_summary(model, test_samples, device)
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    meta = {
-        "date": date.today().isoformat(),
-        "device": str(device),
-        "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
-        "command": " ".join(sys.argv),
-        "test_images": len(test_items),
-        "calibration_images": sum(len(v) for v in calibration.values()),
-        "seconds": time.perf_counter() - start,
-    }
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+    write_results(
+        args.out,
+        rows,
+        device,
+        args.threads,
+        start,
+        test_images=len(setup.test_items),
+        calibration_images=sum(len(v) for v in calibration.values()),
+    )
     _print_summary(rows)
     plot_curves(rows, Path(args.out).with_suffix(".png"))
 

@@ -25,30 +25,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import evaluate_summary, kvasir_setup, write_results
 from monai.data import DataLoader
 
-from medcore_monai.data.datasets import DatasetSpec, prepare_splits, preprocess_split
-from medcore_monai.engines.evaluation import degraded, evaluate_model, summarise
+from medcore_monai.data.datasets import preprocess_split
+from medcore_monai.engines.evaluation import degraded
 from medcore_monai.engines.finetune import finetune
-from medcore_monai.engines.prune import PruneSettings, calibration_samples, model_cost
+from medcore_monai.engines.prune import model_cost
 from medcore_monai.engines.recovery import RecoveryConfig
-from medcore_monai.networks import MedSAM, RobustMaskDecoder, RobustMedSAM, load_sam
+from medcore_monai.networks import MedSAM, RobustMaskDecoder, RobustMedSAM
 from medcore_monai.pruning.cascade import CascadeConfig, run_cascade
 from medcore_monai.transforms import CORRUPTIONS, SEVERITIES, medsam_preprocess
 from medcore_monai.transforms.corruptions import corrupted_once, with_random_corruption
-
-
-def _evaluate(model, samples, device) -> dict:
-    return summarise(evaluate_model(model, DataLoader(samples, batch_size=8), device))
 
 
 def _with_robust_decoder(model: MedSAM) -> RobustMedSAM:
@@ -88,11 +82,11 @@ def _decoder_finetuned(model, train_ds, val_ds, args, device) -> tuple[MedSAM, d
 
 
 def _robustness_rows(name: str, model, test_samples, severities, device, extra: dict) -> dict:
-    clean = _evaluate(model, test_samples, device)
+    clean = evaluate_summary(model, test_samples, device)
     degraded_rows = {}
     for corruption in CORRUPTIONS:
         for severity in severities:
-            summary = _evaluate(model, degraded(test_samples, corruption, severity, seed=42), device)
+            summary = evaluate_summary(model, degraded(test_samples, corruption, severity, seed=42), device)
             degraded_rows[f"{corruption}@{severity}"] = summary
     by_severity = {
         str(s): float(np.mean([degraded_rows[f"{c}@{s}"]["dice"] for c in CORRUPTIONS])) for s in severities
@@ -142,12 +136,8 @@ def main() -> None:
     device = torch.device(args.device)
     start = time.perf_counter()
 
-    data = prepare_splits([DatasetSpec(args.kvasir_root, "kvasir")], seed=42, cal_size=args.cal_size)
-    dense = MedSAM(load_sam(args.medsam)).to(device)
-    reference = MedSAM(load_sam(args.sam), pixel_normalize=True).to(device)
-    calibration = calibration_samples(dense, data, PruneSettings(cal_size=args.cal_size, progress=False, seed=42))
-    test_items = data.split("kvasir", "test")[: args.max_test]
-    test_samples = preprocess_split(test_items, dense.img_size, bbox_shift=5, seed=42)
+    setup = kvasir_setup(args.kvasir_root, args.medsam, args.sam, args.cal_size, args.max_test, device)
+    data, dense, test_samples = setup.data, setup.medsam, setup.test_samples
     val_samples = preprocess_split(data.split("kvasir", "val")[: args.max_test], dense.img_size, bbox_shift=5, seed=42)
     train_items = data.split("kvasir", "train")[: args.max_train]
     train_ds, val_ds = _corrupted_training_data(train_items, val_samples, dense.img_size, 42)
@@ -155,7 +145,7 @@ def main() -> None:
     pruned = copy.deepcopy(dense)
     recovery = RecoveryConfig(steps=args.recovery_steps, lr=1e-5, seed=42)
     config = CascadeConfig(head_sparsity=args.sparsity, mlp_sparsity=args.sparsity, score="dual", recovery=recovery)
-    run_cascade(pruned, calibration, config, reference, device, progress=False)
+    run_cascade(pruned, setup.calibration, config, setup.reference, device, progress=False)
     vanilla_ft, vanilla_log = _decoder_finetuned(pruned, train_ds, val_ds, args, device)
     robust_ft, robust_log = _decoder_finetuned(_with_robust_decoder(pruned), train_ds, val_ds, args, device)
 
@@ -165,17 +155,16 @@ def main() -> None:
         _robustness_rows("pruned + decoder FT", vanilla_ft, test_samples, args.severities, device, vanilla_log),
         _robustness_rows("pruned + robust decoder", robust_ft, test_samples, args.severities, device, robust_log),
     ]
-    meta = {
-        "date": date.today().isoformat(),
-        "device": str(device),
-        "machine": f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}",
-        "command": " ".join(sys.argv),
-        "test_images": len(test_items),
-        "train_images": len(train_ds),
-        "severities": args.severities,
-        "seconds": time.perf_counter() - start,
-    }
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+    write_results(
+        args.out,
+        rows,
+        device,
+        args.threads,
+        start,
+        test_images=len(setup.test_items),
+        train_images=len(train_ds),
+        severities=args.severities,
+    )
     plot_robustness(rows, Path(args.out).with_suffix(".png"))
 
 
