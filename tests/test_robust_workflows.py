@@ -54,6 +54,17 @@ def _run(workflow: str, overrides: dict):
     return result
 
 
+def _finetune(checkpoint, data_root, out, **keys):
+    """One quick fine-tuning epoch through the bundle's ``finetune`` workflow."""
+    common = {"checkpoint": str(checkpoint), "data_roots": [str(data_root)], "finetune_dir": str(out)}
+    return _run("finetune", common | {"epochs": 1, "batch_size": 2, "progress": False} | keys)[0]
+
+
+def _changed_keys(before_path, after_path) -> set[str]:
+    before, after = load_sam(before_path).state_dict(), load_sam(after_path).state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("robust_ckpt")
@@ -166,23 +177,9 @@ def test_evaluate_refuses_unknown_corruptions_before_any_work(fused, png_dataset
 def test_decoder_only_finetuning_on_corrupted_images_keeps_the_encoder(fused, png_dataset, tmp_path):
     path, _ = fused
     out = tmp_path / "ft"
-    result = _run(
-        "finetune",
-        {
-            "checkpoint": str(path),
-            "data_roots": [str(png_dataset)],
-            "finetune_dir": str(out),
-            "epochs": 1,
-            "batch_size": 2,
-            "trainable_modules": ["mask_decoder"],
-            "corruptions": "all",
-            "severities": [3],
-            "progress": False,
-        },
-    )[0]
+    result = _finetune(path, png_dataset, out, trainable_modules=["mask_decoder"], corruptions="all", severities=[3])
     assert result["corruptions"] == sorted(CORRUPTIONS)
-    before, after = load_sam(path).state_dict(), load_sam(out / "checkpoint_best.pth").state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = _changed_keys(path, out / "checkpoint_best.pth")
     assert changed and all(k.startswith("mask_decoder.") for k in changed)
     assert any("fourier" in k or "robust" in k for k in changed)  # the RobustSAM modules trained too
 
@@ -192,20 +189,7 @@ def test_svd_finetuning_writes_a_stock_checkpoint_whose_encoder_changed_in_singu
 ):
     source = checkpoints / "medsam_dense.pth"
     out = tmp_path / "svd"
-    _run(
-        "finetune",
-        {
-            "checkpoint": str(source),
-            "data_roots": [str(png_dataset)],
-            "finetune_dir": str(out),
-            "epochs": 1,
-            "batch_size": 2,
-            "lr": 1e-2,
-            "trainable_modules": ["image_encoder"],
-            "svd_adaptation": True,
-            "progress": False,
-        },
-    )
+    _finetune(source, png_dataset, out, lr=1e-2, trainable_modules=["image_encoder"], svd_adaptation=True)
     tuned = load_sam(out / "checkpoint_best.pth")  # loads strictly: stock keys, no parametrization left
     original = load_sam(source)
     assert set(tuned.state_dict()) == set(original.state_dict())
@@ -276,26 +260,19 @@ def test_as_medsam_picks_the_wrapper_for_the_decoder():
 def test_consistency_finetuning_trains_the_robust_decoder_on_clean_degraded_pairs(fused, png_dataset, tmp_path):
     path, _ = fused
     out = tmp_path / "consistency"
-    result = _run(
-        "finetune",
-        {
-            "checkpoint": str(path),
-            "data_roots": [str(png_dataset)],
-            "finetune_dir": str(out),
-            "epochs": 1,
-            "batch_size": 2,
-            "trainable_modules": ["mask_decoder"],
-            "corruptions": ["gauss_noise", "rician_noise"],
-            "severities": [3],
-            "consistency_loss": True,
-            "progress": False,
-        },
-    )[0]
+    result = _finetune(
+        path,
+        png_dataset,
+        out,
+        trainable_modules=["mask_decoder"],
+        corruptions=["gauss_noise", "rician_noise"],
+        severities=[3],
+        consistency_loss=True,
+    )
     assert result["loss"] == "robust consistency"
     history = json.loads((out / "history.json").read_text())["epochs"]
     assert np.isfinite(history[0]["train_loss"]) and np.isfinite(history[0]["val_loss"])
-    before, after = load_sam(path).state_dict(), load_sam(out / "checkpoint_best.pth").state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed = _changed_keys(path, out / "checkpoint_best.pth")
     assert changed and all(k.startswith("mask_decoder.") for k in changed)
 
 
