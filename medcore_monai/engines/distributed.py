@@ -11,8 +11,8 @@ With a single process every helper is a no-op, so the engines run unchanged. Und
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -25,12 +25,10 @@ __all__ = [
     "process_device",
     "distributed_loader",
     "is_main_process",
-    "main_process_only",
     "synchronise",
     "world_size",
 ]
 
-T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
@@ -76,13 +74,6 @@ def synchronise() -> None:
     """Wait for every process (no-op when not distributed)."""
     if world_size() > 1:
         idist.barrier()
-
-
-def main_process_only(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-    """Run ``fn`` on the main process only, then let every process continue together."""
-    result = fn(*args, **kwargs) if is_main_process() else None
-    synchronise()
-    return result
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:

@@ -239,7 +239,9 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
     calibration = calibration_samples(model, data, settings)
     stages = [_stage_row("dense", cost_before, metrics_before)]
     t0 = time.perf_counter()
-    precomputed, leverage = _leverage_before_pruning(model, calibration, reference, settings, device, output_dir)
+    precomputed, leverage, scoring_counts = _leverage_before_pruning(
+        model, calibration, reference, settings, device, output_dir
+    )
     if leverage is not None:
         timing["scores_and_leverage"] = time.perf_counter() - t0
 
@@ -292,7 +294,7 @@ def run_prune(**settings_kwargs: Any) -> dict[str, Any]:
         "stages": stages,
         "leverage": leverage,
         # scores computed before the cascade (with leverage) carry their own calibration counts
-        "fisher_samples": ((leverage or {}).get("fisher_samples", {}) if precomputed else {}) | result.fisher_counts,
+        "fisher_samples": scoring_counts | result.fisher_counts,
         "recovery": {stage: {"steps": log["steps"], "losses": log["losses"]} for stage, log in result.recovery.items()},
         "timing": timing,
     }
@@ -325,10 +327,14 @@ def _leverage_before_pruning(
     settings: PruneSettings,
     device: torch.device,
     output_dir: Path,
-) -> tuple[tuple | None, dict[str, Any] | None]:
-    """With ``leverage``: score once, measure BLR95 on the dense model, and hand the scores to the cascade."""
+) -> tuple[tuple | None, dict[str, Any] | None, dict[str, dict[str, int]]]:
+    """With ``leverage``: score once, measure BLR95 on the dense model, and hand the scores to the cascade.
+
+    Returns:
+        ``(scores for the cascade or None, leverage result or None, calibration counts of those scores)``.
+    """
     if not settings.leverage:
-        return None, None
+        return None, None, {}
     from ..pruning.cascade import score_model
     from .leverage import run_leverage_analysis
 
@@ -348,9 +354,9 @@ def _leverage_before_pruning(
         output_dir=output_dir / "leverage" if is_main_process() else None,
         precomputed=precomputed,
     )
-    leverage["fisher_samples"] = counts
-    # re-scoring after the head step needs fresh Fisher sums, which precomputed scores cannot give
-    return (None if config.recompute_mlp_scores else precomputed), leverage
+    if config.recompute_mlp_scores:  # re-scoring after the head step needs fresh Fisher sums: the cascade calibrates
+        return None, leverage, {}
+    return precomputed, leverage, counts
 
 
 def _write_markdown(report: dict[str, Any], result: CascadeResult, output_dir: Path, dense: tuple[int, int]) -> None:
