@@ -211,8 +211,8 @@ def _corruption_grid(
         names = list(CORRUPTIONS)
     else:
         names = [corruptions] if isinstance(corruptions, str) else list(corruptions)
-    problems = [f"unknown corruption {n!r}; choose from {list(CORRUPTIONS)} or 'all'" for n in names]
-    problems = [p for p, n in zip(problems, names) if n not in CORRUPTIONS]
+    choices = f"{list(CORRUPTIONS)} or 'all'"
+    problems = [f"unknown corruption {n!r}; choose from {choices}" for n in names if n not in CORRUPTIONS]
     problems += [f"severity {s!r} is not one of {list(SEVERITIES)}" for s in severities if s not in SEVERITIES]
     if not severities:
         problems.append("severities is empty")

@@ -197,8 +197,18 @@ def recover(
         ``{"steps", "losses"}`` with the per-iteration total loss.
     """
     with preserved_requires_grad(model):
-        logging_options = (progress, description, tensorboard_dir, tensorboard_tag)
-        return _run_recovery(model, teacher, samples, config, device, checkpoint_dir, *logging_options)
+        return _run_recovery(
+            model,
+            teacher,
+            samples,
+            config,
+            device,
+            checkpoint_dir,
+            progress=progress,
+            description=description,
+            tensorboard_dir=tensorboard_dir,
+            tensorboard_tag=tensorboard_tag,
+        )
 
 
 def _run_recovery(
