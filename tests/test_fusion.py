@@ -9,20 +9,11 @@ import torch
 
 from medcore_monai.engines.evaluation import evaluate_model
 from medcore_monai.networks import MedSAM, build_sam, current_config, kept_indices, load_sam, save_sam, slim_block_
+from medcore_monai.networks.build import build_robust_sam, load_robust_sam, save_robust_sam
 from medcore_monai.networks.checkpoint import CheckpointError, load_state_dict_strict
-from medcore_monai.networks.fusion import (
-    DECODER_NAME,
-    RobustMedSAM,
-    as_medsam,
-    build_robust_sam,
-    encode_with_early_features,
-    fuse_checkpoints,
-    fuse_state_dicts,
-    load_robust_sam,
-    robust_state_schema,
-    save_robust_sam,
-    strip_robust_decoder,
-)
+from medcore_monai.networks.fusion import fuse_checkpoints, fuse_state_dicts, robust_state_schema, strip_robust_decoder
+from medcore_monai.networks.manifest import DECODER_NAME
+from medcore_monai.networks.medsam import RobustMedSAM, as_medsam, encode_with_early_features
 from medcore_monai.networks.robust_decoder import ROBUST_DECODER_MODULES, RobustMaskDecoder
 from medcore_monai.networks.sam_import import sam_modeling
 
@@ -96,7 +87,7 @@ def test_fusion_takes_each_module_from_its_checkpoint(
 
     raw = torch.load(out, weights_only=True)
     assert raw["medcore"]["decoder"] == DECODER_NAME
-    fused, med_state, rob_state = raw["state_dict"], medsam.state_dict(), robustsam.state_dict()
+    fused, med_state, rob_state = raw["model"], medsam.state_dict(), robustsam.state_dict()
     assert set(fused) == set(rob_state)
     for key, value in fused.items():
         source = med_state if key.startswith(ENCODER_PREFIXES) else rob_state

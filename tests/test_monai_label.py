@@ -21,13 +21,8 @@ from monai.inferers import SimpleInferer
 from monai.transforms import Compose, LoadImaged, Resize
 from PIL import Image
 
-from medcore_monai.networks import MedSAM, load_sam, save_sam, slim_block_
-from medcore_monai.networks.prompt_channel import (
-    BoxChannelMedSAM,
-    boxes_from_channel,
-    checkpoint_image_size,
-    save_label_checkpoint,
-)
+from medcore_monai.networks import MedSAM, checkpoint_image_size, load_sam, model_manifest, save_sam, slim_block_
+from medcore_monai.networks.prompt_channel import BoxChannelMedSAM, boxes_from_channel
 from medcore_monai.transforms.medsam import (
     EnsureThreeChanneld,
     LoadImage2Dd,
@@ -257,17 +252,24 @@ def test_roi_is_clipped_rounded_and_exclusive():
     assert box_mask(None, (4, 6)).sum() == 0
 
 
-@pytest.mark.parametrize("layout", ["save_sam", "label_checkpoint"])
+def _version1_checkpoint(sam: torch.nn.Module, path: Path) -> Path:
+    """The layout save_sam wrote before format version 2: the state under ``state_dict``."""
+    payload = {"format": "medcore-sam", "format_version": 1, "medcore": model_manifest(sam)}
+    torch.save({**payload, "state_dict": sam.state_dict(), "metadata": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["save_sam", "version1"])
 def test_compact_pruned_checkpoint_through_the_config(tmp_path, png_path, compact_sam, layout):
     path = tmp_path / "compact.pt"
     if layout == "save_sam":
         save_sam(compact_sam, path)
     else:
-        save_label_checkpoint(compact_sam, path)
+        _version1_checkpoint(compact_sam, path)
     root = _bundle(tmp_path, source=path)
-    # save_sam stores the state under "state_dict": MONAI Label then finds no "model" key, its default non-strict
-    # load changes nothing, and the weights the network_def read from the same file stay in place.
-    data, network = serve(root, {"image": str(png_path), "roi": ROI}, strict=layout == "label_checkpoint")
+    # Version 1 stored the state under "state_dict": MONAI Label then finds no "model" key, its default
+    # non-strict load changes nothing, and the weights the network_def read from the same file stay in place.
+    data, network = serve(root, {"image": str(png_path), "roi": ROI}, strict=layout == "save_sam")
 
     block = network.image_encoder.blocks[1]
     assert block.attn.num_heads == 2 and block.mlp.lin1.out_features == 256
@@ -303,9 +305,9 @@ def test_a_volume_is_refused_with_a_clear_error():
 
 
 def test_label_checkpoint_round_trips(tmp_path, compact_sam):
-    path = save_label_checkpoint(compact_sam, tmp_path / "model.pt")
+    path = save_sam(compact_sam, tmp_path / "model.pt")
     stored = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(stored) == {"model", "medcore"} and list(stored["model"]) == list(compact_sam.state_dict())
+    assert {"model", "medcore"} <= set(stored) and list(stored["model"]) == list(compact_sam.state_dict())
     rebuilt = load_sam(path)
     assert rebuilt.image_encoder.blocks[1].attn.num_heads == 2
     assert checkpoint_image_size(path) == SIZE

@@ -44,7 +44,7 @@ from torch import nn
 from ..files import write_json_atomic
 from ..handlers.tensorboard import attach_tensorboard
 from ..losses import soft_dice_loss
-from ..networks import MedSAM, load_state_dict_strict, read_checkpoint, save_sam
+from ..networks import MedSAM, load_state_dict_strict, read_checkpoint, read_model_state, save_sam
 from ..networks.checkpoint import atomic_torch_save
 from .common import prepare_medsam_batch, preserved_requires_grad
 from .distributed import data_parallel, is_main_process, synchronise
@@ -546,7 +546,7 @@ class _FinetuneRun:
             self.trainer.run()
         synchronise()  # the main process wrote the best checkpoint that every process reads back
         if restore_best and self.best_path.is_file():
-            load_state_dict_strict(self.model, read_checkpoint(self.best_path)["state_dict"], str(self.best_path))
+            load_state_dict_strict(self.model, read_model_state(self.best_path), str(self.best_path))
         return {
             "history": [dict(e) for e in self.record.history],
             "best_checkpoint": self.best_path if self.best_path.is_file() else None,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..losses.robust import RobustLossWeights, robust_consistency_loss
-from ..networks.fusion import RobustMedSAM
+from ..networks.medsam import RobustMedSAM
 from .common import plain_tensor
 from .finetune import FinetuneObjective
 

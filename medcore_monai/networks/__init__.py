@@ -1,20 +1,39 @@
-"""Model layer: SAM/MedSAM building and loading, prunable structure, slimming and compact export."""
+"""Model layer: SAM/MedSAM building and loading, prunable structure, slimming and compact export.
 
-from .build import build_sam, compact_manifest, current_config, file_sha256, load_sam, save_sam
-from .checkpoint import CheckpointError, extract_state_dict, load_state_dict_strict, read_checkpoint
-from .config import SAM_PRESETS, SamConfig, get_preset, infer_sam_config
-from .fusion import (
-    FusionReport,
-    RobustMedSAM,
-    as_medsam,
+Modules depend on each other one way only::
+
+    config, checkpoint, structure, sam_import, robust_decoder    (leaves)
+      <- manifest      architecture/width manifest, ModelManifest for checkpoint handlers
+      <- medsam        MedSAM, RobustMedSAM, as_medsam, early-feature capture
+      <- build         build/load/save (plain and RobustSAM decoder), the one checkpoint format
+      <- fusion        RobustMedSAM checkpoint fusion
+      <- prompt_channel, export
+"""
+
+from .build import (
     build_robust_sam,
-    fuse_checkpoints,
-    fuse_state_dicts,
+    build_sam,
+    checkpoint_image_size,
+    compact_manifest,
+    current_config,
+    file_sha256,
+    load_medsam,
     load_robust_sam,
+    load_sam,
     save_robust_sam,
-    strip_robust_decoder,
+    save_sam,
 )
-from .medsam import MedSAM
+from .checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    load_state_dict_strict,
+    read_checkpoint,
+    read_model_state,
+)
+from .config import SAM_PRESETS, SamConfig, get_preset, infer_sam_config
+from .fusion import FusionReport, fuse_checkpoints, fuse_state_dicts, strip_robust_decoder
+from .manifest import ModelManifest, model_manifest
+from .medsam import MedSAM, RobustMedSAM, as_medsam
 from .robust_decoder import RobustMaskDecoder, has_robust_decoder
 from .sam_import import sam_modeling
 from .structure import (
@@ -49,12 +68,14 @@ __all__ = [
     "strip_robust_decoder",
     "CheckpointError",
     "MedSAM",
+    "ModelManifest",
     "SAM_PRESETS",
     "SamConfig",
     "StructuredMasks",
     "attach_masks",
     "block_flops",
     "build_sam",
+    "checkpoint_image_size",
     "compact_manifest",
     "count_parameters",
     "current_config",
@@ -67,11 +88,14 @@ __all__ = [
     "head_group_sums",
     "infer_sam_config",
     "kept_indices",
+    "load_medsam",
     "load_sam",
     "load_state_dict_strict",
     "measure_flops",
     "mlp_group_sums",
+    "model_manifest",
     "read_checkpoint",
+    "read_model_state",
     "sam_modeling",
     "save_sam",
     "slim_block_",

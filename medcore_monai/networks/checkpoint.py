@@ -16,8 +16,12 @@ from ..files import atomic_torch_save
 __all__ = [
     "CheckpointError",
     "read_checkpoint",
+    "read_model_state",
     "extract_state_dict",
+    "checkpoint_manifest",
+    "strip_module_prefix",
     "load_state_dict_strict",
+    "plain_state_dict",
     "atomic_torch_save",
 ]
 
@@ -54,12 +58,28 @@ def _is_tensor_mapping(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def strip_module_prefix(state: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix (DistributedDataParallel / DataParallel) from every key that has it.
+
+    Raises:
+        CheckpointError: if a key appears both with and without the prefix.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key[len("module.") :] if key.startswith("module.") else key
+        if name in out:
+            raise CheckpointError(f"{source}: key {name!r} appears both with and without a 'module.' prefix")
+        out[name] = value
+    return out
+
+
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the state dict inside any official layout.
+    """Find the state dict inside any accepted layout.
 
     Accepts a raw state dict (``sam_vit_b_01ec64.pth``, ``medsam_vit_b.pth``) or a dict holding it
-    under ``model``, ``state_dict`` or ``model_state_dict`` (MedSAM training checkpoints, this
-    project's checkpoints). A ``module.`` prefix left by DistributedDataParallel is removed.
+    under ``model`` (this project's format, MONAI's ``CheckpointSaver``, MONAI Label), ``state_dict``
+    (this project's format version 1) or ``model_state_dict`` (MedSAM training checkpoints), preferred
+    in that order. ``module.`` prefixes left by DistributedDataParallel are removed.
 
     Raises:
         CheckpointError: if no state dict is found.
@@ -75,9 +95,18 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.
                 f"{list(_NESTED_KEYS)}; found {keys})"
             )
         state = dict(obj[nested[0]])
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+    return strip_module_prefix(state, source)
+
+
+def checkpoint_manifest(obj: Any) -> Mapping[str, Any] | None:
+    """The ``medcore`` manifest (architecture and per-block widths) of loaded checkpoint content, if any."""
+    manifest = obj.get("medcore") if isinstance(obj, Mapping) else None
+    return manifest if isinstance(manifest, Mapping) else None
+
+
+def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model state dict of a checkpoint file, whatever its layout (see :func:`extract_state_dict`)."""
+    return extract_state_dict(read_checkpoint(path), source=str(path))
 
 
 def format_keys(keys: list[str]) -> str:

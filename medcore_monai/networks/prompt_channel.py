@@ -8,26 +8,24 @@ box from it and runs :class:`~medcore_monai.networks.medsam.MedSAM`.
 
 Its ``state_dict()`` keys are exactly segment-anything ``Sam``'s (``image_encoder.*``,
 ``prompt_encoder.*``, ``mask_decoder.*``), so MONAI Label's own loading of ``models/model.pt``
-(``{"model": state}`` or a raw state dict) into it works strictly.
+(``checkpoint.get("model", checkpoint)``: this project's checkpoint format from
+:func:`~medcore_monai.networks.build.save_sam`, or a raw state dict) into it works strictly.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from ..files import atomic_torch_save
-from ..transforms.medsam import box_from_mask
-from .build import compact_manifest, current_config, load_sam
-from .checkpoint import extract_state_dict, read_checkpoint
-from .config import infer_sam_config
-from .medsam import MedSAM
+from ..geometry import box_from_mask
+from .build import checkpoint_image_size, load_sam
+from .medsam import MedSAM, as_medsam
 
-__all__ = ["BoxChannelMedSAM", "boxes_from_channel", "checkpoint_image_size", "save_label_checkpoint"]
+# checkpoint_image_size lives in .build; it stays importable from here for bundle configs.
+__all__ = ["BoxChannelMedSAM", "boxes_from_channel", "checkpoint_image_size"]
 
 _IMAGE_CHANNELS = 3
 _INPUT_CHANNELS = _IMAGE_CHANNELS + 1
@@ -37,7 +35,7 @@ def boxes_from_channel(box_channel: torch.Tensor, threshold: float = 0.5) -> tor
     """Box prompts ``[B, 4]`` (``[x0, y0, x1, y1]``, x = last axis) from box-mask planes.
 
     Each box is the tight box of the plane's pixels above ``threshold``, with inclusive maxima, the
-    convention of :func:`medcore_monai.transforms.medsam.box_from_mask` (MedSAM's boxes from masks).
+    convention of :func:`medcore_monai.geometry.box_from_mask` (MedSAM's boxes from masks).
     An empty plane gives the whole-image box ``[0, 0, W-1, H-1]``.
 
     Args:
@@ -114,8 +112,6 @@ class BoxChannelMedSAM(nn.Module):
         sub-modules (doubling the state-dict keys) and its pixel statistics would not follow
         ``.to(device)``. Building it costs microseconds.
         """
-        from .fusion import as_medsam
-
         return as_medsam(self, pixel_normalize=self.pixel_normalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,36 +126,3 @@ class BoxChannelMedSAM(nn.Module):
             )
         boxes = boxes_from_channel(x[:, _IMAGE_CHANNELS], self.box_threshold)
         return self.medsam().predict_logits(x[:, :_IMAGE_CHANNELS], boxes)
-
-
-def checkpoint_image_size(checkpoint: str | os.PathLike) -> int:
-    """Model input size of a SAM/MedSAM checkpoint (256 for the tiny models, 1024 for ViT-B).
-
-    Lets the bundle's preprocessing resize to whatever model is served without building it.
-    """
-    obj = read_checkpoint(checkpoint)
-    manifest = obj.get("medcore") if isinstance(obj, dict) else None
-    if manifest is not None:
-        return int(manifest["config"]["img_size"])
-    return infer_sam_config(extract_state_dict(obj, source=str(checkpoint))).img_size
-
-
-def save_label_checkpoint(source: str | os.PathLike | nn.Module, path: str | os.PathLike) -> Path:
-    """Write a model as ``{"model": state_dict, "medcore": manifest}`` for ``bundle/models/model.pt``.
-
-    MONAI Label loads ``checkpoint.get("model", checkpoint)`` into the ``network_def`` it built;
-    :func:`medcore_monai.networks.save_sam` stores the state under ``state_dict``, which MONAI Label
-    would not find (it then loads nothing, non-strictly, and keeps the weights the ``network_def``
-    read itself). This layout satisfies both readers: MONAI Label finds ``model``, and
-    :func:`load_sam` reads the per-block widths from ``medcore``.
-
-    Args:
-        source: A checkpoint file (any layout :func:`load_sam` reads) or a SAM module.
-        path: Output file, written atomically.
-    """
-    sam = load_sam(source) if isinstance(source, (str, os.PathLike)) else source
-    payload = {
-        "model": {k: v.detach().cpu() for k, v in sam.state_dict().items()},
-        "medcore": {"config": current_config(sam).to_dict(), "blocks": compact_manifest(sam)},
-    }
-    return atomic_torch_save(payload, path)

@@ -19,10 +19,10 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, Randomizable
-from skimage.transform import resize
 
 from medcore_monai.data.errors import DataError
 from medcore_monai.data.io import read_image_2d
+from medcore_monai.geometry import EMPTY_MASK_POLICIES, box_from_mask, min_max_scale, resize_image, resize_mask
 
 __all__ = [
     "EMPTY_MASK_POLICIES",
@@ -40,8 +40,6 @@ __all__ = [
     "min_max_scale",
 ]
 
-EMPTY_MASK_POLICIES = ("full_box", "error")
-_MINMAX_FLOOR = 1e-8
 _LOWRES_FACTOR = 4
 _RGB = 3
 _GREY_ALPHA = 2
@@ -257,28 +255,7 @@ class MinMaxScaled(MapTransform):
         return d
 
 
-def min_max_scale(image: torch.Tensor) -> torch.Tensor:
-    """MedSAM's scaling ``(x - min) / max(max - min, 1e-8)``; a constant image becomes all zeros."""
-    image = image.to(torch.float32)
-    low, high = image.min(), image.max()
-    return (image - low) / torch.clamp(high - low, min=_MINMAX_FLOOR)
-
-
 # --------------------------------------------------------------------------- resizing
-
-
-def _resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    # Channel by channel gives the same values as resizing (H, W, C) at once (the channel axis is
-    # never interpolated) but is several times faster, as scipy then skips the 3-D spline filter.
-    planes = image.detach().cpu().numpy()
-    resized = [resize(plane, (size, size), order=3, preserve_range=True, anti_aliasing=True) for plane in planes]
-    return torch.from_numpy(np.stack(resized).astype(np.float32))
-
-
-def _resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
-    plane = mask[0].detach().cpu().numpy()
-    resized = resize(plane, (size, size), order=0, preserve_range=True, anti_aliasing=False)
-    return torch.from_numpy(np.ascontiguousarray(resized[None], dtype=np.float32))
 
 
 class ResizeForSAMd(MapTransform):
@@ -318,11 +295,11 @@ class ResizeForSAMd(MapTransform):
         d = dict(data)
         if self.image_key in d:
             image = d[self.image_key]
-            d[self.image_key] = _like(_resize_image(_plain(image), self.size), image)
+            d[self.image_key] = _like(resize_image(_plain(image), self.size), image)
         if self.label_key in d:
             mask = d[self.label_key]
-            d[self.label_key] = _like(_resize_mask(_plain(mask), self.size), mask)
-            d[self.lowres_key] = _like(_resize_mask(_plain(mask), self.size // _LOWRES_FACTOR), mask)
+            d[self.label_key] = _like(resize_mask(_plain(mask), self.size), mask)
+            d[self.lowres_key] = _like(resize_mask(_plain(mask), self.size // _LOWRES_FACTOR), mask)
         elif not self.allow_missing_keys:
             raise KeyError(f"Key {self.label_key!r} not found")
         return d
@@ -334,45 +311,6 @@ class ResizeForSAMd(MapTransform):
 def jitter_seed(seed: int, name: str) -> int:
     """Per-sample RNG seed: the first 8 bytes (big-endian) of SHA-256 of ``f"{seed}:{name}"``."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big")
-
-
-def box_from_mask(
-    mask: torch.Tensor | np.ndarray,
-    shifts: Sequence[int] = (0, 0, 0, 0),
-    empty_mask: str = "full_box",
-    source: str = "<mask>",
-) -> torch.Tensor:
-    """Tight box ``[x_min, y_min, x_max, y_max]`` (inclusive pixel indices) of a mask's foreground.
-
-    Args:
-        mask: ``(H, W)`` or ``(1, H, W)`` mask; non-zero is foreground.
-        shifts: Pixels to enlarge the box by on the x_min, y_min, x_max and y_max side; the
-            result is clamped to the image.
-        empty_mask: ``"full_box"``: an empty mask gives the whole image ``[0, 0, W-1, H-1]``;
-            ``"error"``: raise.
-        source: File or sample name used in the error message.
-
-    Returns:
-        float32 tensor ``[4]``.
-
-    Raises:
-        DataError: for an empty mask with ``empty_mask="error"``.
-    """
-    if empty_mask not in EMPTY_MASK_POLICIES:
-        raise ValueError(f"empty_mask must be one of {EMPTY_MASK_POLICIES}, got {empty_mask!r}")
-    plane = _plain(torch.as_tensor(mask))
-    plane = plane[0] if plane.ndim == 3 else plane
-    height, width = plane.shape
-    rows, cols = torch.nonzero(plane, as_tuple=True)
-    if rows.numel() == 0:
-        if empty_mask == "error":
-            raise DataError(f"Mask of {source} is empty at model size, so no box prompt can be derived")
-        return torch.tensor([0, 0, width - 1, height - 1], dtype=torch.float32)
-    x_min = max(0, int(cols.min()) - int(shifts[0]))
-    y_min = max(0, int(rows.min()) - int(shifts[1]))
-    x_max = min(width - 1, int(cols.max()) + int(shifts[2]))
-    y_max = min(height - 1, int(rows.max()) + int(shifts[3]))
-    return torch.tensor([x_min, y_min, x_max, y_max], dtype=torch.float32)
 
 
 def _check_box_args(bbox_shift: int, empty_mask: str) -> None:

@@ -31,9 +31,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-# The private resizers are MedSAM's resize itself; reusing them keeps served inputs identical to the
-# ones the models were pruned and evaluated on.
-from medcore_monai.transforms.medsam import _resize_image, _resize_mask, min_max_scale
+# MedSAM's own resize; reusing it keeps served inputs identical to the ones the models were pruned and
+# evaluated on.
+from medcore_monai.geometry import min_max_scale, resize_image, resize_mask
 
 __all__ = [
     "BoxInputForSAMd",
@@ -236,8 +236,8 @@ class BoxInputForSAMd(MapTransform):
             x = _plain(d[key])
             if x.ndim != 1 + _SPATIAL_DIMS or x.shape[0] < _MIN_BOX_INPUT_CHANNELS:
                 raise ValueError(f"{key!r} must be (C + 1, H, W) with a box channel last, got {tuple(x.shape)}")
-            image = min_max_scale(_resize_image(x[:-1], self.size))
-            box = _resize_mask(x[-1:], self.size)
+            image = min_max_scale(resize_image(x[:-1], self.size))
+            box = resize_mask(x[-1:], self.size)
             d[key] = _like(torch.cat([image, box]), d[key])
         return d
 
