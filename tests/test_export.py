@@ -6,8 +6,10 @@ import copy
 import hashlib
 import importlib.util
 import json
+import random
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,11 +26,21 @@ from medcore_monai.networks import (
     save_sam,
     slim_encoder_,
 )
-from medcore_monai.networks.export import ExportError, export_onnx, export_torchscript, write_export_manifest
+from medcore_monai.networks import export as export_module
+from medcore_monai.networks.export import (
+    DEFAULT_ATOL,
+    ExportError,
+    export_onnx,
+    export_torchscript,
+    write_export_manifest,
+)
 
 requires_onnx = pytest.mark.skipif(
     importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
     reason="onnx / onnxruntime not installed (pip install 'medcore-monai[export]')",
+)
+both_exporters = pytest.mark.parametrize(
+    "exporter", [export_torchscript, pytest.param(export_onnx, marks=requires_onnx)], ids=["torchscript", "onnx"]
 )
 
 
@@ -111,6 +123,67 @@ def test_onnx_roundtrip_matches_eager(slim_sam, tmp_path):
     assert torch.allclose(result, _eager(slim_sam.image_encoder, images), atol=1e-4)
 
 
+def _run_exported(path, images: torch.Tensor) -> torch.Tensor:
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        return torch.jit.load(str(path))(images)
+
+
+@both_exporters
+def test_exported_encoder_agrees_with_eager_on_other_batch_sizes(slim_sam, tmp_path, exporter):
+    suffix = ".onnx" if exporter is export_onnx else ".pt"
+    path = exporter(slim_sam.image_encoder, tmp_path / f"encoder{suffix}", example_inputs=_images(2))
+    for batch in (1, 5):  # smaller and larger than the traced batch of 2
+        images = _images(batch, seed=batch)
+        result = _run_exported(path, images)
+        assert result.shape == (batch, 256, 16, 16)
+        torch.testing.assert_close(result, _eager(slim_sam.image_encoder, images), rtol=0.0, atol=DEFAULT_ATOL)
+
+
+@both_exporters
+def test_conversion_and_first_check_are_monais(slim_sam, tmp_path, exporter, monkeypatch):
+    name = "convert_to_onnx" if exporter is export_onnx else "convert_to_torchscript"
+    converter, calls = getattr(export_module, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return converter(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, name, spy)
+    path = exporter(slim_sam.image_encoder, tmp_path / "encoder.bin")
+    assert path.is_file() and len(calls) == 1
+    assert calls[0]["verify"] is True and calls[0]["device"] == torch.device("cpu")
+    assert (calls[0]["rtol"], calls[0]["atol"]) == (0.0, DEFAULT_ATOL)
+
+
+@both_exporters
+def test_export_leaves_the_callers_model_and_global_state_alone(slim_sam, tmp_path, exporter, monkeypatch):
+    # MONAI's converters call model.eval() and model.to(device), and their verification reseeds torch, numpy
+    # and random and resets cudnn.benchmark.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    model = copy.deepcopy(slim_sam.image_encoder).double().train()  # float64: exported from a float32 copy
+
+    def seed_all() -> None:
+        torch.manual_seed(5)
+        np.random.seed(5)
+        random.seed(5)
+
+    def draw() -> tuple:
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    seed_all()
+    exporter(model, tmp_path / "encoder.bin")
+    after_export = draw()
+    seed_all()
+    assert after_export == draw()
+    assert torch.backends.cudnn.benchmark is True
+    assert model.training and all(p.dtype == torch.float64 for p in model.parameters())
+
+
 def test_reexport_replaces_previous_artifact(slim_sam, tmp_path):
     path = tmp_path / "encoder.pt"
     export_torchscript(slim_sam, path)
@@ -162,7 +235,7 @@ def test_failing_onnx_exporter_is_reported(slim_sam, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("exporter", [export_torchscript, pytest.param(export_onnx, marks=requires_onnx)])
+@both_exporters
 def test_never_overwrites_a_checkpoint(slim_sam, tmp_path, exporter):
     checkpoint = save_sam(slim_sam, tmp_path / "model.pth")
     before = _sha256(checkpoint)
@@ -180,6 +253,25 @@ class _DataDependent(nn.Module):
         return x * 2.0 if x.mean() > 2.0 else x - 1.0
 
 
+class _FrozenBatch(nn.Module):
+    """``int()`` makes the traced batch size a constant: right on the example, wrong on any other batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(int(x.shape[0]), -1) * 2.0
+
+
+class _CountsCalls(nn.Module):
+    """Each eager call differs from the last, so even the example input fails MONAI's verification."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * self.calls
+
+
 class _NoTensorOutput(nn.Module):
     def forward(self, x: torch.Tensor) -> None:
         return None
@@ -188,6 +280,20 @@ class _NoTensorOutput(nn.Module):
 def test_wrong_trace_is_caught_and_not_installed(tmp_path):
     with pytest.raises(ExportError, match="differs from eager"):
         export_torchscript(_DataDependent(), tmp_path / "bad.pt", example_inputs=torch.full((1, 4), 10.0))
+    assert not list(tmp_path.iterdir())
+
+
+@both_exporters
+def test_frozen_batch_dimension_is_caught_and_not_installed(tmp_path, exporter):
+    with pytest.raises(ExportError, match=r"differs from eager|batch dimension not dynamic"):
+        exporter(_FrozenBatch(), tmp_path / "frozen.bin", example_inputs=torch.rand(1, 2, 3))
+    assert not list(tmp_path.iterdir())
+
+
+@both_exporters
+def test_mismatch_on_the_example_input_is_an_export_error(tmp_path, exporter):
+    with pytest.raises(ExportError, match="differs from eager on the example input"):
+        exporter(_CountsCalls(), tmp_path / "bad.bin", example_inputs=torch.ones(1, 4))
     assert not list(tmp_path.iterdir())
 
 

@@ -5,15 +5,22 @@ Both exporters trace the encoder at its native input size with a dynamic batch d
 export is verified against eager PyTorch (max absolute difference at most :data:`DEFAULT_ATOL`) on the
 example input and on a second random input with a different batch size before the file is installed.
 
+Conversion and the first verification are MONAI's (:func:`monai.networks.utils.convert_to_torchscript`
+and :func:`~monai.networks.utils.convert_to_onnx`, both with ``verify=True``). This module adds what they
+do not do: the second-batch-size check (MONAI verifies on the tracing inputs only), ``onnx.checker``,
+the 2 GiB size check, atomic installation, the overwrite guard, a clear error for missing packages,
+CPU float32 copies (MONAI moves the caller's model to the verification device) and keeping the caller's
+random state (MONAI's verification reseeds torch, numpy and ``random`` globally).
+
 Notes on what works with torch 2.13:
 
 * ``torch.jit.script`` cannot compile segment-anything's ``ImageEncoderViT`` (its blocks use untyped
-  Python control flow), so :func:`export_torchscript` traces. Tracing is exact here because the
-  encoder's only data-independent branches (window padding, rel-pos resizing) depend on the fixed
-  input size.
+  Python control flow), so :func:`export_torchscript` traces (``use_trace=True``). Tracing is exact here
+  because the encoder's only data-independent branches (window padding, rel-pos resizing) depend on the
+  fixed input size.
 * ``torch.onnx.export(..., dynamo=False)`` (the legacy TorchScript-based exporter) still works and needs
-  only ``onnx``; the dynamo exporter additionally needs ``onnxscript``, so :func:`export_onnx` uses the
-  legacy exporter.
+  only ``onnx``; the dynamo exporter, torch's default since 2.9, additionally needs ``onnxscript``, so
+  :func:`export_onnx` passes ``dynamo=False`` through ``convert_to_onnx``.
 
 Files are written to a temporary file in the target folder, verified, then renamed into place, and an
 existing destination is replaced only if it already is an artifact of the same kind, so an input
@@ -28,6 +35,7 @@ import importlib
 import json
 import logging
 import os
+import random
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +43,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from monai.networks.utils import convert_to_onnx, convert_to_torchscript
 from torch import nn
 
 from ..files import atomic_path
@@ -60,6 +70,9 @@ _OUTPUT_NAME = "image_embeddings"
 _VERIFY_SEED = 1234
 _INSTALL_HINT = "pip install 'medcore-monai[export]'"
 _PROTOBUF_LIMIT = 2**31
+_CPU = torch.device("cpu")
+# rtol=0 keeps the documented criterion: max |exported - eager| <= DEFAULT_ATOL, whatever the magnitude.
+_TOLERANCE: dict[str, Any] = {"rtol": 0.0, "atol": DEFAULT_ATOL}
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -108,7 +121,8 @@ def _second_input(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]
 def _cpu_float32(module: nn.Module) -> Iterator[nn.Module]:
     """``module`` in eval mode on CPU in float32 (a copy if it lives elsewhere), train mode restored after.
 
-    Exports are made on CPU so that no device is baked into traced tensor constructors.
+    Exports are made on CPU so that no device is baked into traced tensor constructors. The copy also keeps
+    the caller's model where it is: MONAI's converters call ``model.eval()`` and ``model.to(device)``.
     """
     on_cpu = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in module.parameters())
     target = module if on_cpu else _cpu_copy(module)
@@ -128,7 +142,7 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
 def _quiet_tracing() -> Iterator[None]:
     # Tracer warnings flag Python ints taken from the input size; the size is fixed for a SAM encoder,
     # and the export is verified numerically, so they are noise here. The deprecation notices of
-    # torch.jit.trace and of the legacy ONNX exporter are known (see the module docstring).
+    # torch.jit.trace/save/load and of the legacy ONNX exporter are known (see the module docstring).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -136,28 +150,62 @@ def _quiet_tracing() -> Iterator[None]:
         yield
 
 
-def _max_abs_diff(expected: torch.Tensor, actual: torch.Tensor) -> float:
-    if tuple(expected.shape) != tuple(actual.shape):
-        raise ExportError(f"exported output shape {tuple(actual.shape)} differs from eager {tuple(expected.shape)}")
-    return float((expected.float() - actual.float()).abs().max())
+@contextlib.contextmanager
+def _global_random_state_kept() -> Iterator[None]:
+    """Undo the global side effects of MONAI's verification on the caller's run.
+
+    ``convert_to_*(verify=True)`` calls ``set_determinism(0)`` and then ``set_determinism(None)``, which
+    reseeds torch (CPU and CUDA), numpy and ``random`` with a fresh random seed and resets the cudnn flags
+    to their values when MONAI was imported. An export must not change the course of a seeded workflow.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cudnn_flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
 
 
-def _verify(
-    eager: nn.Module, exported: Callable[..., torch.Tensor], inputs: Sequence[tuple[torch.Tensor, ...]], what: str
-) -> list[float]:
-    """Compare eager and exported outputs on every input; raise :class:`ExportError` above the tolerance."""
-    diffs = []
-    with torch.no_grad():
-        for args in inputs:
-            diff = _max_abs_diff(eager(*args), exported(*args))
-            if not diff <= DEFAULT_ATOL:  # also catches NaN
-                shapes = [tuple(a.shape) for a in args]
-                raise ExportError(
-                    f"{what} output differs from eager by {diff:.3g} (> {DEFAULT_ATOL}) on inputs {shapes}"
-                )
-            diffs.append(diff)
-    logger.info("%s verified: max |exported - eager| = %s", what, ", ".join(f"{d:.2e}" for d in diffs))
-    return diffs
+@contextlib.contextmanager
+def _monai_converter(what: str, failure: str) -> Iterator[None]:
+    """Run a MONAI converter quietly, keeping the caller's random state, with its errors as ExportError.
+
+    MONAI's verification reports a mismatch as the ``AssertionError`` of ``torch.testing.assert_close``;
+    anything else comes from the conversion itself.
+    """
+    try:
+        with _quiet_tracing(), _global_random_state_kept():
+            yield
+    except AssertionError as err:
+        raise ExportError(f"{what} output differs from eager on the example input: {err}") from err
+    except Exception as err:
+        raise ExportError(f"{failure}: {err}") from err
+
+
+def _verify_other_batch_size(
+    eager: nn.Module, exported: Callable[..., torch.Tensor], example: tuple[torch.Tensor, ...], what: str
+) -> None:
+    """Compare eager and exported outputs on a random input one larger in batch than ``example``.
+
+    MONAI's converters verify only on the inputs they traced with, which cannot reveal a batch size (or a
+    data-dependent branch) frozen into the trace.
+    """
+    inputs = _second_input(example)
+    shapes = [tuple(x.shape) for x in inputs]
+    with torch.no_grad(), _quiet_tracing():
+        expected = eager(*inputs)
+        try:
+            actual = exported(*inputs)
+        except Exception as err:
+            raise ExportError(f"{what} export fails on inputs {shapes} (batch dimension not dynamic?): {err}") from err
+    try:
+        torch.testing.assert_close(actual, expected, **_TOLERANCE)  # also catches shape mismatches and NaN
+    except AssertionError as err:
+        raise ExportError(f"{what} output differs from eager on inputs {shapes}: {err}") from err
+    logger.info("%s verified against eager on batch sizes %d and %d", what, example[0].shape[0], shapes[0][0])
 
 
 # --------------------------------------------------------------------------- safe writing
@@ -199,13 +247,19 @@ def _check_destination(path: Path, is_same_kind: Callable[[Path], bool], kind: s
 # --------------------------------------------------------------------------- TorchScript
 
 
-def _trace(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
-    try:
-        with _quiet_tracing(), torch.no_grad():
-            # check_trace re-traces and compares graphs (3x the time); the numeric check below is stricter.
-            return torch.jit.trace(module, example, check_trace=False)
-    except Exception as err:
-        raise ExportError(f"torch.jit.trace failed for {type(module).__name__}: {err}") from err
+def _convert_torchscript(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    """Trace ``module`` into ``path`` with MONAI, which reloads the file and verifies it on ``example``."""
+    with _monai_converter("TorchScript", f"torch.jit.trace failed for {type(module).__name__}"):
+        convert_to_torchscript(
+            module,
+            str(path),
+            verify=True,
+            inputs=example,
+            device=_CPU,  # MONAI's default is CUDA when available, which would move the model
+            use_trace=True,
+            check_trace=False,  # re-traces and compares graphs (3x the time); the numeric checks are stricter
+            **_TOLERANCE,
+        )
 
 
 def export_torchscript(
@@ -231,11 +285,11 @@ def export_torchscript(
     encoder = _resolve_image_encoder(encoder_or_model)
     with _cpu_float32(encoder) as module:
         example = _as_tuple(example_inputs if example_inputs is not None else _default_example_input(module))
-        traced = _trace(module, example)
         with atomic_path(path) as tmp:
-            torch.jit.save(traced, str(tmp))
-            reloaded = torch.jit.load(str(tmp), map_location="cpu")
-            _verify(module, reloaded, [example, _second_input(example)], "TorchScript")
+            _convert_torchscript(module, example, tmp)
+            with _quiet_tracing():
+                reloaded = torch.jit.load(str(tmp), map_location="cpu")
+            _verify_other_batch_size(module, reloaded, example, "TorchScript")
     return path
 
 
@@ -243,6 +297,7 @@ def export_torchscript(
 
 
 def _require(module_name: str, purpose: str) -> Any:
+    # MONAI's optional_import fails late, inside the converter, without naming this package's extra.
     try:
         return importlib.import_module(module_name)
     except ImportError as err:
@@ -257,24 +312,35 @@ def _check_onnx_size(module: nn.Module) -> None:
         raise ExportError(f"encoder weights ({size / 2**30:.2f} GiB) exceed the 2 GiB single-file ONNX limit")
 
 
-def _onnx_export(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+def _convert_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+    """Export ``module`` to ``path`` with MONAI, which verifies the model with onnxruntime on ``example``."""
     input_names = [_INPUT_NAME] if len(example) == 1 else [f"{_INPUT_NAME}_{i}" for i in range(len(example))]
-    dynamic_axes = {name: {0: "batch"} for name in [*input_names, _OUTPUT_NAME]}
+    with _monai_converter("ONNX (onnxruntime)", f"ONNX export (legacy exporter, opset {opset}) failed"):
+        convert_to_onnx(
+            module,
+            example,
+            input_names=input_names,
+            output_names=[_OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_axes={name: {0: "batch"} for name in [*input_names, _OUTPUT_NAME]},
+            filename=str(path),
+            verify=True,
+            device=_CPU,
+            use_ort=True,
+            ort_provider=["CPUExecutionProvider"],
+            use_trace=True,
+            do_constant_folding=True,
+            dynamo=False,  # passed on to torch.onnx.export: the dynamo exporter needs onnxscript
+            **_TOLERANCE,
+        )
+
+
+def _check_onnx_model(onnx: Any, path: Path) -> None:
+    # MONAI's converter does not run the checker; onnxruntime accepts some models that other runtimes reject.
     try:
-        with _quiet_tracing(), torch.no_grad():
-            torch.onnx.export(
-                module,
-                example,
-                str(path),
-                dynamo=False,  # the dynamo exporter needs onnxscript; the legacy one only onnx
-                opset_version=opset,
-                input_names=input_names,
-                output_names=[_OUTPUT_NAME],
-                dynamic_axes=dynamic_axes,
-                do_constant_folding=True,
-            )
-    except Exception as err:
-        raise ExportError(f"ONNX export (legacy exporter, opset {opset}) failed: {err}") from err
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"exported ONNX model is invalid: {err}") from err
 
 
 def _onnxruntime_runner(path: Path) -> Callable[..., torch.Tensor]:
@@ -305,10 +371,14 @@ def export_onnx(
         opset: ONNX opset version.
         example_inputs: tracing input(s); default a random ``[1, 3, S, S]`` batch in [0, 1].
 
+    Returns:
+        ``path``.
+
     Raises:
         ExportError: if ``onnx`` / ``onnxruntime`` are missing, the exporter fails, the model fails
-            ``onnx.checker``, onnxruntime's output differs from eager by more than :data:`DEFAULT_ATOL`, or
-            the weights exceed the 2 GiB single-file ONNX limit (ViT-H; ViT-B and smaller are fine).
+            ``onnx.checker``, onnxruntime's output differs from eager by more than :data:`DEFAULT_ATOL`
+            (on the example input or a second random input), ``path`` holds something else, or the
+            weights exceed the 2 GiB single-file ONNX limit (ViT-H; ViT-B and smaller are fine).
     """
     onnx = _require("onnx", "ONNX export")
     _require("onnxruntime", "ONNX verification")
@@ -318,12 +388,9 @@ def export_onnx(
         _check_onnx_size(module)
         example = _as_tuple(example_inputs if example_inputs is not None else _default_example_input(module))
         with atomic_path(path) as tmp:
-            _onnx_export(module, example, tmp, opset)
-            try:
-                onnx.checker.check_model(str(tmp))
-            except onnx.checker.ValidationError as err:
-                raise ExportError(f"exported ONNX model is invalid: {err}") from err
-            _verify(module, _onnxruntime_runner(tmp), [example, _second_input(example)], "ONNX (onnxruntime)")
+            _convert_onnx(module, example, tmp, opset)
+            _check_onnx_model(onnx, tmp)
+            _verify_other_batch_size(module, _onnxruntime_runner(tmp), example, "ONNX (onnxruntime)")
     return path
 
 
