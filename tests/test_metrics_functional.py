@@ -1,4 +1,9 @@
-"""Functional boundary/region metrics: hand-derived cases, cross-checks and property tests."""
+"""Functional boundary/region metrics: hand-derived cases, cross-checks and property tests.
+
+HD95 has three modes: ``"surface"`` (default) is MONAI's HD95 (cross-shaped erosion edges), ``"contour"``
+the pre-0.2 inner-contour definition and ``"region"`` the MedCore pilot variant. The systematic
+comparison of ``"surface"`` with MONAI on random ellipses lives in ``tests/test_hd95_monai.py``.
+"""
 
 from __future__ import annotations
 
@@ -69,6 +74,20 @@ def brute_force_contour(mask: np.ndarray) -> list[tuple[int, ...]]:
                 contour.append(tuple(int(i) for i in index))
                 break
     return contour
+
+
+def brute_force_edges(mask: np.ndarray) -> list[tuple[int, ...]]:
+    """MONAI's edges: foreground pixels with a face neighbour (2*d of them) outside the mask or the image."""
+    edges = []
+    for index in zip(*np.nonzero(mask)):
+        for axis, step in itertools.product(range(mask.ndim), (-1, 1)):
+            neighbour = list(index)
+            neighbour[axis] += step
+            inside = 0 <= neighbour[axis] < mask.shape[axis]
+            if not inside or not mask[tuple(neighbour)]:
+                edges.append(tuple(int(i) for i in index))
+                break
+    return edges
 
 
 def brute_force_directed(source: list, target: list, spacing: tuple[float, ...]) -> np.ndarray:
@@ -152,24 +171,47 @@ def test_float_and_integer_binary_inputs_are_accepted():
     assert compute_dice(mask.astype(np.float32), torch.as_tensor(mask, dtype=torch.uint8)) == 1.0
 
 
+# A filled axis-aligned box has no pixel touching the background only diagonally, so MONAI's edges
+# ("surface") and the inner contour ("contour") are the same ring and both modes give the same numbers.
+CONTOUR_MODES = ["surface", "contour"]
+
+
+@pytest.mark.parametrize("mode", CONTOUR_MODES)
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("shift", [1, 2, 3])
-def test_hd95_of_axis_shifted_square_equals_shift(axis, shift):
+def test_hd95_of_axis_shifted_square_equals_shift(axis, shift, mode):
     # Every contour distance is an integer <= shift, and the s pixels of the leading edge sit exactly
     # at `shift`: s of 4(s-1) contour pixels is far more than the top 5%, so the 95th percentile is shift.
     square = box((24, 24), (6, 6), (10, 10))
     moved = shifted(square, shift, axis)
-    assert compute_hd95(square, moved) == pytest.approx(shift)
-    assert compute_hd95(square, moved, spacing=(0.5, 0.5)) == pytest.approx(shift / 2)
+    assert compute_hd95(square, moved, mode=mode) == pytest.approx(shift)
+    assert compute_hd95(square, moved, spacing=(0.5, 0.5), mode=mode) == pytest.approx(shift / 2)
     anisotropic = [1.0, 1.0]
     anisotropic[axis] = 3.0
-    assert compute_hd95(square, moved, spacing=anisotropic) == pytest.approx(3.0 * shift)
+    assert compute_hd95(square, moved, spacing=anisotropic, mode=mode) == pytest.approx(3.0 * shift)
 
 
 def test_hd95_scalar_spacing_is_isotropic():
     square = box((24, 24), (6, 6), (10, 10))
     moved = shifted(square, 2, 1)
     assert compute_hd95(square, moved, spacing=0.5) == compute_hd95(square, moved, spacing=(0.5, 0.5))
+
+
+def test_hd95_surface_and_contour_modes_differ_on_a_diagonal_only_pixel():
+    # gt: 3x3 block at rows/cols 1..3 without its corner (1, 1); pred: that missing corner pixel.
+    # gt's centre (2, 2) touches the background only diagonally (at (1, 1)): it is on the inner contour
+    # ("contour") but not one of MONAI's edges ("surface"). pred -> gt is 1 in both modes.
+    # gt -> pred, with a = sqrt(5) and b = sqrt(8):
+    #   surface: 7 edge pixels at 1, 1, 2, 2, a, a, b; rank 0.95 * 6 = 5.7   -> a + 0.7  * (b - a)
+    #   contour: the centre adds sqrt(2);             rank 0.95 * 7 = 6.65  -> a + 0.65 * (b - a)
+    gt = box((5, 5), (1, 1), (3, 3))
+    gt[1, 1] = False
+    pred = box((5, 5), (1, 1), (1, 1))
+    a, b = math.sqrt(5.0), math.sqrt(8.0)
+    assert compute_hd95(pred, gt) == pytest.approx(a + 0.7 * (b - a), rel=1e-6)
+    assert compute_hd95(pred, gt, mode="contour") == pytest.approx(a + 0.65 * (b - a), rel=1e-12)
+    # An isotropic spacing scales every distance, and so the result.
+    assert compute_hd95(pred, gt, spacing=2.0) == pytest.approx(2 * (a + 0.7 * (b - a)), rel=1e-6)
 
 
 @pytest.mark.parametrize("shift", [1, 2, 3])
@@ -199,31 +241,35 @@ def test_bf1_tolerance_boundary_is_inclusive_despite_float_rounding():
 
 
 def test_hd95_uses_linear_percentile():
-    # One-pixel-thick strips are their own contour. The 20 gt pixels are 0 (x10) and 1..10 from pred;
-    # the 95th percentile sits at rank 0.95*19 = 18.05, between 9 and 10: 9.05 in both modes.
+    # One-pixel-thick strips are their own contour (and their own MONAI edges). The 20 gt pixels are
+    # 0 (x10) and 1..10 from pred; the 95th percentile sits at rank 0.95*19 = 18.05, between 9 and 10:
+    # 9.05 in every mode.
     gt = box((3, 20), (1, 0), (1, 20))
     pred = box((3, 20), (1, 0), (1, 10))
-    assert compute_hd95(pred, gt) == pytest.approx(9.05)
-    assert compute_hd95(pred, gt, mode="region") == pytest.approx(9.05)
+    for mode in ("surface", "contour", "region"):
+        assert compute_hd95(pred, gt, mode=mode) == pytest.approx(9.05)
 
 
 def test_region_mode_differs_from_surface_mode():
     # pred: 20x20 square; gt: its leftmost 4 columns.
     # region: the 400 pred pixels are 0 (80 of them) or c-3 for columns c=4..19 (20 each); rank 379.05
     #   falls between 15 and 16 -> 15.05 (gt->pred is all 0).
-    # surface: the 18 right-edge pixels plus 2 corners of pred's contour are 16 from gt's col 3,
-    #   20 of 76 contour pixels -> 95th percentile 16 (gt->pred is at most 3).
+    # surface (and contour, identical for boxes): the 18 right-edge pixels plus 2 corners of pred's
+    #   contour are 16 from gt's col 3, 20 of 76 contour pixels -> 95th percentile 16 (gt->pred is at
+    #   most 3).
     pred = box((22, 22), (1, 1), (20, 20))
     gt = box((22, 22), (1, 1), (20, 4))
     assert compute_hd95(pred, gt, mode="region") == pytest.approx(15.05)
     assert compute_hd95(pred, gt, mode="surface") == pytest.approx(16.0)
+    assert compute_hd95(pred, gt, mode="contour") == pytest.approx(16.0)
 
 
 def test_3d_cube_shift_and_spacing():
     cube = box((16, 16, 16), (4, 4, 4), (7, 7, 7))
     moved = shifted(cube, 2, 2)
-    assert compute_hd95(cube, moved) == pytest.approx(2.0)
-    assert compute_hd95(cube, moved, spacing=(1.0, 1.0, 2.5)) == pytest.approx(5.0)
+    for mode in CONTOUR_MODES:
+        assert compute_hd95(cube, moved, mode=mode) == pytest.approx(2.0)
+        assert compute_hd95(cube, moved, spacing=(1.0, 1.0, 2.5), mode=mode) == pytest.approx(5.0)
     assert compute_hd95(cube, moved, mode="region") == pytest.approx(2.0)
     assert compute_boundary_f1(cube, moved, tolerance=2.0) == 1.0
     assert compute_boundary_f1(cube, moved, tolerance=1.0) < 1.0
@@ -267,7 +313,7 @@ EMPTY_CASES = {
 def test_empty_mask_table(shape, spacing, diagonal):
     empty = np.zeros(shape, dtype=bool)
     full = box(shape, (0,) * len(shape), (2,) * len(shape))
-    for mode in ("surface", "region"):
+    for mode in ("surface", "region", "contour"):
         assert compute_hd95(empty, empty, spacing=spacing, mode=mode) == 0.0
         assert compute_hd95(full, empty, spacing=spacing, mode=mode) == pytest.approx(diagonal)
         assert compute_hd95(empty, full, spacing=spacing, mode=mode) == pytest.approx(diagonal)
@@ -403,10 +449,11 @@ BLOB_CASES = [((40, 40), (1.0, 1.0)), ((40, 40), (0.7, 1.3)), ((14, 16, 12), (1.
 
 @pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI-internal
 @pytest.mark.parametrize(("shape", "spacing"), BLOB_CASES)
-def test_hd95_matches_monai_with_the_same_edge_definition(monkeypatch, shape, spacing):
+def test_contour_hd95_matches_monai_with_the_same_edge_definition(monkeypatch, shape, spacing):
     # MONAI extracts edges with scipy's default (cross-shaped) erosion; swapping in the full 3**d
-    # element makes its edges identical to ours, after which the values must agree exactly up to
-    # MONAI's float32 arithmetic.
+    # element makes its edges identical to the inner contour, after which the pre-0.2 "contour" mode
+    # must agree exactly up to MONAI's float32 arithmetic. (The patch would also reach the default
+    # "surface" mode, which calls MONAI, so only "contour" is checked here.)
     full_erosion = functools.partial(ndimage.binary_erosion, structure=np.ones((3,) * len(shape)))
     monkeypatch.setattr(monai_metric_utils, "binary_erosion", full_erosion)
     rng = np.random.default_rng(1)
@@ -419,20 +466,21 @@ def test_hd95_matches_monai_with_the_same_edge_definition(monkeypatch, shape, sp
             percentile=95,
             spacing=list(spacing),
         ).item()
-        assert compute_hd95(pred, gt, spacing=spacing) == pytest.approx(expected, rel=1e-5)
+        assert compute_hd95(pred, gt, spacing=spacing, mode="contour") == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI-internal
 @pytest.mark.parametrize(("shape", "spacing"), BLOB_CASES)
-def test_hd95_is_close_to_stock_monai(shape, spacing):
-    # Stock MONAI erodes with a cross, so its contour is our contour minus the pixels touching the
-    # background only diagonally. Each such pixel has a stock-contour pixel at most
-    # r = sqrt(sum of the d-1 largest squared spacings) away (walk towards the diagonal background pixel
-    # axis by axis), so every directed distance moves by at most r and the full Hausdorff distance
-    # differs by at most r (triangle inequality). The 95th percentile has no worst-case bound (extra
-    # pixels also re-weight the distribution); allowing 2r (r for the target change, r for the source
-    # change) holds for these fixed-seed smooth blobs. The sharp check is the patched-erosion test above;
-    # this one records how far stock MONAI numbers may sit from ours.
+def test_contour_hd95_is_close_to_stock_monai(shape, spacing):
+    # Stock MONAI (and therefore the default "surface" mode) erodes with a cross, so its edges are the
+    # inner contour minus the pixels touching the background only diagonally. Each such pixel has a
+    # stock-contour pixel at most r = sqrt(sum of the d-1 largest squared spacings) away (walk towards
+    # the diagonal background pixel axis by axis), so every directed distance moves by at most r and the
+    # full Hausdorff distance differs by at most r (triangle inequality). The 95th percentile has no
+    # worst-case bound (extra pixels also re-weight the distribution); allowing 2r (r for the target
+    # change, r for the source change) holds for these fixed-seed smooth blobs. The sharp check is the
+    # patched-erosion test above; this one records how far the pre-0.2 "contour" numbers may sit from
+    # MONAI's ("surface").
     largest = sorted(spacing)[1:]
     r = math.sqrt(sum(s * s for s in largest))
     rng = np.random.default_rng(2)
@@ -443,15 +491,17 @@ def test_hd95_is_close_to_stock_monai(shape, spacing):
         stock_95 = compute_hausdorff_distance(*inputs, include_background=True, percentile=95, spacing=list(spacing))
         forward, backward = compute_surface_distances(pred, gt, spacing)
         assert abs(max(forward.max(), backward.max()) - stock_max.item()) <= r + 1e-5
-        assert abs(compute_hd95(pred, gt, spacing=spacing) - stock_95.item()) <= 2 * r + 1e-5
+        assert compute_hd95(pred, gt, spacing=spacing) == pytest.approx(stock_95.item(), rel=1e-6)
+        assert abs(compute_hd95(pred, gt, spacing=spacing, mode="contour") - stock_95.item()) <= 2 * r + 1e-5
 
 
 @pytest.mark.parametrize(("shape", "spacing"), BLOB_CASES)
 def test_hd95_directed_distances_match_medpy(shape, spacing):
     # medpy pools both directed distance sets before taking one percentile, whereas HD95 here is the max
     # of the two directed percentiles, so the two numbers legitimately differ. With connectivity=ndim
-    # medpy uses our contour, so its value must equal the pooled percentile of our directed distances
-    # exactly, which validates the distances; HD95 is then checked as the max of their percentiles.
+    # medpy uses our inner contour, so its value must equal the pooled percentile of our directed
+    # distances exactly, which validates the distances; the "contour" HD95 is then checked as the max of
+    # their percentiles.
     rng = np.random.default_rng(3)
     for _ in range(4):
         pred, gt = random_blob(rng, shape), random_blob(rng, shape)
@@ -459,7 +509,7 @@ def test_hd95_directed_distances_match_medpy(shape, spacing):
         pooled = np.percentile(np.concatenate([forward, backward]), 95)
         medpy_value = medpy_binary.hd95(pred, gt, voxelspacing=spacing, connectivity=len(shape))
         assert medpy_value == pytest.approx(pooled, rel=1e-12)
-        hd95 = compute_hd95(pred, gt, spacing=spacing)
+        hd95 = compute_hd95(pred, gt, spacing=spacing, mode="contour")
         assert hd95 == pytest.approx(max(np.percentile(forward, 95), np.percentile(backward, 95)))
 
 
@@ -480,15 +530,22 @@ def test_bf1_matches_brute_force_in_3d():
     assert compute_boundary_f1(pred, gt, tolerance=1.0) == pytest.approx(expected)
 
 
-def test_hd95_surface_matches_brute_force_percentiles():
+@pytest.mark.parametrize(
+    ("mode", "boundary", "rel"),
+    # MONAI works in float32, hence the looser tolerance for "surface".
+    [("surface", brute_force_edges, 1e-6), ("contour", brute_force_contour, 1e-12)],
+    ids=["surface", "contour"],
+)
+@pytest.mark.parametrize("shape", [(9, 11), (5, 6, 7)], ids=["2d", "3d"])
+def test_hd95_matches_brute_force_percentiles(mode, boundary, rel, shape):
     rng = np.random.default_rng(6)
-    spacing = (0.8, 1.2)
-    pred, gt = rng.random((9, 11)) > 0.5, rng.random((9, 11)) > 0.5
-    pred_contour, gt_contour = brute_force_contour(pred), brute_force_contour(gt)
+    spacing = (0.8, 1.2, 2.5)[: len(shape)]
+    pred, gt = rng.random(shape) > 0.5, rng.random(shape) > 0.5
+    pred_contour, gt_contour = boundary(pred), boundary(gt)
     forward = brute_force_directed(pred_contour, gt_contour, spacing)
     backward = brute_force_directed(gt_contour, pred_contour, spacing)
     expected = max(np.percentile(forward, 95), np.percentile(backward, 95))
-    assert compute_hd95(pred, gt, spacing=spacing) == pytest.approx(expected)
+    assert compute_hd95(pred, gt, spacing=spacing, mode=mode) == pytest.approx(expected, rel=rel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,8 +558,8 @@ def test_hd95_surface_matches_brute_force_percentiles():
 def test_metrics_are_symmetric(pair):
     pred, gt = pair
     assert compute_boundary_f1(pred, gt) == pytest.approx(compute_boundary_f1(gt, pred))
-    assert compute_hd95(pred, gt) == pytest.approx(compute_hd95(gt, pred))
-    assert compute_hd95(pred, gt, mode="region") == pytest.approx(compute_hd95(gt, pred, mode="region"))
+    for mode in ("surface", "region", "contour"):
+        assert compute_hd95(pred, gt, mode=mode) == pytest.approx(compute_hd95(gt, pred, mode=mode))
     assert compute_dice(pred, gt) == pytest.approx(compute_dice(gt, pred))
 
 
@@ -522,7 +579,8 @@ def test_metrics_are_translation_invariant(pair, row_offset, col_offset):
     assert compute_dice(moved_pred, moved_gt) == pytest.approx(compute_dice(pred, gt))
     # With exactly one empty mask HD95 is the image diagonal, which padding changes by design.
     if both_or_neither_empty(pred, gt):
-        assert compute_hd95(moved_pred, moved_gt) == pytest.approx(compute_hd95(pred, gt))
+        for mode in ("surface", "contour"):
+            assert compute_hd95(moved_pred, moved_gt, mode=mode) == pytest.approx(compute_hd95(pred, gt, mode=mode))
 
 
 @PROPERTY_SETTINGS
@@ -530,13 +588,15 @@ def test_metrics_are_translation_invariant(pair, row_offset, col_offset):
     mask_pairs(),
     st.floats(0.1, 10.0),
     st.tuples(st.floats(0.2, 3.0), st.floats(0.2, 3.0)),
-    st.sampled_from(["surface", "region"]),
+    st.sampled_from(["surface", "region", "contour"]),
 )
 def test_hd95_scales_with_spacing(pair, scale, spacing, mode):
     pred, gt = pair
     scaled = (spacing[0] * scale, spacing[1] * scale)
     base = compute_hd95(pred, gt, spacing=spacing, mode=mode)
-    assert compute_hd95(pred, gt, spacing=scaled, mode=mode) == pytest.approx(scale * base, rel=1e-9, abs=1e-12)
+    # MONAI ("surface") rounds distances and percentiles to float32; the other modes stay in float64.
+    rel = 1e-6 if mode == "surface" else 1e-9
+    assert compute_hd95(pred, gt, spacing=scaled, mode=mode) == pytest.approx(scale * base, rel=rel, abs=1e-12)
 
 
 @PROPERTY_SETTINGS
@@ -545,12 +605,14 @@ def test_metric_ranges(pair, tolerance):
     pred, gt = pair
     bf1 = compute_boundary_f1(pred, gt, tolerance=tolerance)
     hd95 = compute_hd95(pred, gt)
+    hd95_contour = compute_hd95(pred, gt, mode="contour")
     dice, iou = compute_dice(pred, gt), compute_iou(pred, gt)
     assert 0.0 <= bf1 <= 1.0
     assert 0.0 <= hd95 <= image_diagonal(pred.shape)
+    assert 0.0 <= hd95_contour <= image_diagonal(pred.shape)
     assert 0.0 <= iou <= dice <= 1.0
     assert iou == pytest.approx(dice / (2.0 - dice))
-    assert not any(math.isnan(v) for v in (bf1, hd95, dice, iou))
+    assert not any(math.isnan(v) for v in (bf1, hd95, hd95_contour, dice, iou))
 
 
 @PROPERTY_SETTINGS

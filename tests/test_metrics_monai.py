@@ -8,6 +8,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor, decollate_batch, list_data_collate
 from monai.handlers import from_engine
+from monai.metrics import HausdorffDistanceMetric
 
 from medcore_monai.handlers import HD95, BoundaryF1
 from medcore_monai.metrics import BoundaryF1Metric, HD95Metric, compute_boundary_f1, compute_hd95
@@ -96,9 +97,22 @@ def test_3d_input():
     torch.testing.assert_close(HD95Metric()(moved, cube, spacing=(1.0, 1.0, 0.5)), torch.tensor([[1.0]]))
 
 
-def test_region_mode_is_forwarded():
-    values = HD95Metric(mode="region")(binary_batch(PRED_ITEMS), binary_batch(GT_ITEMS))
-    torch.testing.assert_close(values, functional(compute_hd95, mode="region"))
+@pytest.mark.parametrize("mode", ["region", "contour"])
+def test_non_default_modes_are_forwarded(mode):
+    values = HD95Metric(mode=mode)(binary_batch(PRED_ITEMS), binary_batch(GT_ITEMS))
+    torch.testing.assert_close(values, functional(compute_hd95, mode=mode))
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI-internal
+def test_default_mode_equals_monai_hausdorff_metric():
+    # Hand-checkable squares (0 and a 3-row shift) give the same numbers as MONAI's own metric;
+    # tests/test_hd95_monai.py does the same on random ellipses.
+    expected = HausdorffDistanceMetric(percentile=95, reduction="none")(
+        one_hot_batch(PRED_ITEMS), one_hot_batch(GT_ITEMS), spacing=[2.0, 0.25]
+    )
+    values = HD95Metric()(one_hot_batch(PRED_ITEMS), one_hot_batch(GT_ITEMS), spacing=(2.0, 0.25))
+    torch.testing.assert_close(values, expected)
+    torch.testing.assert_close(values, torch.tensor([[0.0], [6.0]]))
 
 
 def test_reductions_and_not_nans_accumulate_over_iterations():
@@ -285,6 +299,8 @@ def test_handlers_build_from_bundle_config():
                 "output_transform": "$monai.handlers.from_engine(['pred', 'label'])",
             },
             "val_hd95": {"_target_": "medcore_monai.handlers.HD95", "mode": "region"},
+            "val_hd95_old": {"_target_": "medcore_monai.handlers.HD95", "mode": "contour"},
+            "val_hd95_monai": {"_target_": "medcore_monai.handlers.HD95"},
         }
     }
     parser = ConfigParser(config)
@@ -292,3 +308,5 @@ def test_handlers_build_from_bundle_config():
     assert isinstance(metrics["val_bf1"], BoundaryF1)
     assert isinstance(metrics["val_hd95"].metric_fn, HD95Metric)
     assert metrics["val_hd95"].metric_fn.mode == "region"
+    assert metrics["val_hd95_old"].metric_fn.mode == "contour"
+    assert metrics["val_hd95_monai"].metric_fn.mode == "surface"

@@ -64,7 +64,8 @@ class HD95(IgniteMetricHandler):
 
     Args:
         include_background: score one-hot channel 0 too (single-channel input is always scored).
-        mode: ``"surface"`` (contour distances) or ``"region"`` (MedCore pilot variant).
+        mode: ``"surface"`` (MONAI's HD95, the default), ``"region"`` (MedCore pilot variant) or
+            ``"contour"`` (inner-contour definition of releases before 0.2); see :func:`compute_hd95`.
         reduction: reduction applied to the per-image, per-class scores.
         use_meta_spacing: read spacing from the labels' MetaTensor ``pixdim``.
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``, e.g.

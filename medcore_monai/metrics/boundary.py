@@ -5,29 +5,42 @@ exactly 0 or 1) of the same 2D or 3D shape, and return plain Python floats.
 
 Conventions shared by every metric:
 
-* **Contour.** The boundary of a mask is its one-pixel *inner* contour: ``mask & ~erode(mask)`` with a
-  full ``3**d`` structuring element (8-neighbourhood in 2D, 26-neighbourhood in 3D). Pixels outside the
-  image count as background, so a mask touching the image border has a contour along that border.
-  Because the erosion uses the full neighbourhood, the contour is 4-connected (6-connected in 3D): a
-  pixel that touches the background only diagonally is part of it.
+* **Contour.** For BF1, :func:`compute_surface_distances` and ``compute_hd95(mode="contour")`` the
+  boundary of a mask is its one-pixel *inner* contour: ``mask & ~erode(mask)`` with a full ``3**d``
+  structuring element (8-neighbourhood in 2D, 26-neighbourhood in 3D). Pixels outside the image count
+  as background, so a mask touching the image border has a contour along that border. Because the
+  erosion uses the full neighbourhood, the contour is 4-connected (6-connected in 3D): a pixel that
+  touches the background only diagonally is part of it.
+* **HD95 is MONAI's.** The default ``compute_hd95(mode="surface")`` is computed by MONAI
+  (:func:`monai.metrics.compute_hausdorff_distance` with ``percentile=95``, symmetric, Euclidean, the
+  spacing passed through), so it equals ``HausdorffDistanceMetric(percentile=95)``. MONAI's edges are
+  ``mask ^ erode(mask)`` with scipy's default cross-shaped element (a pixel is an edge pixel when a
+  face neighbour is background or outside the image), which leaves out the pixels touching the
+  background only diagonally; that is why MONAI's numbers differ from the inner-contour variant.
 * **Units.** Distances are Euclidean, in pixels, or in physical units (e.g. mm) when ``spacing`` is
   given as one number or one number per axis.
 * **Empty masks.** Both masks empty is a perfect match (BF1 = Dice = IoU = 1, HD95 = 0). Exactly one
   empty mask is a total miss (BF1 = Dice = IoU = 0, HD95 = the image diagonal in the chosen units,
-  ``sqrt(sum((shape_i * spacing_i) ** 2))``). No function ever returns NaN.
+  ``sqrt(sum((shape_i * spacing_i) ** 2))``). No function ever returns NaN. This policy is applied
+  before MONAI is called, because MONAI returns NaN (or inf) for an empty mask and a NaN-skipping mean
+  would then silently drop a missed structure.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 
 __all__ = [
+    "HD95_MODES",
+    "HD95Mode",
     "MaskLike",
     "SpacingLike",
     "compute_boundary_f1",
@@ -43,7 +56,8 @@ __all__ = [
 
 MaskLike = np.ndarray | torch.Tensor
 SpacingLike = float | Sequence[float] | np.ndarray | torch.Tensor | None
-HD95Mode = Literal["surface", "region"]
+HD95Mode = Literal["surface", "region", "contour"]
+HD95_MODES: tuple[str, ...] = ("surface", "region", "contour")
 
 _SUPPORTED_NDIMS = (2, 3)
 _HD_PERCENTILE = 95.0
@@ -170,9 +184,9 @@ def _validated_pair(pred: MaskLike, gt: MaskLike) -> tuple[np.ndarray, np.ndarra
 def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Crop both masks (whose union must be non-empty) to the bounding box of their union.
 
-    Every contour pixel and every nearest-neighbour partner lies inside that box, and everything
-    outside it is background, so contours and distances are unchanged while large, mostly empty
-    images (e.g. 1024x1024 with a small lesion) become much cheaper.
+    Every contour (or edge) pixel and every nearest-neighbour partner lies inside that box, and
+    everything outside it is background, so contours and distances are unchanged while large, mostly
+    empty images (e.g. 1024x1024 with a small lesion) become much cheaper.
     """
     union = pred | gt
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(union))
@@ -242,25 +256,71 @@ def _region_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ..
     return _directed_distances(pred, gt, spacing), _directed_distances(gt, pred, spacing)
 
 
+def _check_hd95_mode(mode: str) -> None:
+    """Reject unknown HD95 modes early, with the list of valid ones."""
+    if mode not in HD95_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, HD95_MODES))}, got {mode!r}")
+
+
+def _monai_hd95(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """HD95 exactly as ``monai.metrics.HausdorffDistanceMetric(percentile=95)`` computes it.
+
+    Both masks must be non-empty. MONAI crops to the union's bounding box itself, but only after
+    converting and scanning the full images; cropping here first saves about 30 % of the CPU time for a
+    small lesion in a 1024x1024 image and about 70 % in a 96x256x256 volume. The result is unchanged:
+    MONAI's erosion treats outside the image as background and everything outside the union box is
+    background anyway, so the edges are the same pixels, merely translated, and translation does not
+    change Euclidean distances.
+    """
+    pred, gt = _crop_to_union(pred, gt)
+    with warnings.catch_warnings():
+        # MONAI 1.5+ passes its own deprecated ``always_return_as_numpy`` argument internally.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        value = compute_hausdorff_distance(
+            torch.from_numpy(np.ascontiguousarray(pred))[None, None],
+            torch.from_numpy(np.ascontiguousarray(gt))[None, None],
+            include_background=True,
+            distance_metric="euclidean",
+            percentile=_HD_PERCENTILE,
+            directed=False,
+            spacing=list(spacing),
+        )
+    return float(value.item())
+
+
+def _max_directed_percentile(forward: np.ndarray, backward: np.ndarray) -> float:
+    """Max of the two directed 95th percentiles (numpy's linear interpolation)."""
+    return float(max(np.percentile(forward, _HD_PERCENTILE), np.percentile(backward, _HD_PERCENTILE)))
+
+
 def compute_hd95(pred: MaskLike, gt: MaskLike, spacing: SpacingLike = None, mode: HD95Mode = "surface") -> float:
     """95th-percentile Hausdorff distance.
 
-    ``mode="surface"`` (default): distances between the one-pixel inner contours;
-    ``HD95 = max(p95(d(P->G)), p95(d(G->P)))`` with numpy's linear-interpolation percentile. The two
-    directions are summarised separately (unlike medpy, which pools both distance sets first).
+    ``mode="surface"`` (default): MONAI's HD95, computed by
+    :func:`monai.metrics.compute_hausdorff_distance` (``percentile=95``, symmetric, Euclidean, spacing
+    passed through), so it equals ``HausdorffDistanceMetric(percentile=95)`` on the same masks (MONAI
+    works in float32, so the value is a float32 number). Edges are ``mask ^ erode(mask)`` with a
+    cross-shaped element (see the module docstring); ``HD95 = max(p95(d(P->G)), p95(d(G->P)))`` with
+    linear-interpolation percentiles.
 
     ``mode="region"``: the MedCore pilot variant. Every foreground pixel of one mask contributes its
     distance to the nearest foreground pixel of the other (0 when it lies inside the other mask), and
     the result is the max of the two directed 95th percentiles.
 
-    Empty-mask policy: both masks empty gives 0.0; exactly one empty gives the image diagonal
-    ``sqrt(sum((shape_i * spacing_i) ** 2))`` in the same units. Never NaN.
+    ``mode="contour"``: the definition of releases before 0.2, kept for comparing with old numbers:
+    the same max of directed 95th percentiles, but between the one-pixel inner contours of
+    :func:`compute_surface_distances` (full ``3**d`` erosion). It is usually a few percent below
+    ``"surface"``, more for structures only a few voxels across (see ``docs/metrics.md``).
+
+    Empty-mask policy (all modes, applied before MONAI, which would return NaN or inf): both masks
+    empty gives 0.0; exactly one empty gives the image diagonal ``sqrt(sum((shape_i * spacing_i) ** 2))``
+    in the same units. Never NaN.
 
     Args:
         pred: predicted binary mask (2D or 3D).
         gt: ground-truth binary mask with the same shape.
         spacing: pixel spacing (one number or one per axis); distances are in pixels when ``None``.
-        mode: ``"surface"`` or ``"region"``.
+        mode: ``"surface"`` (MONAI's HD95), ``"region"`` or ``"contour"``.
 
     Returns:
         HD95 in pixels, or in the units of ``spacing``.
@@ -268,18 +328,17 @@ def compute_hd95(pred: MaskLike, gt: MaskLike, spacing: SpacingLike = None, mode
     Raises:
         ValueError: on shape mismatch, non-binary or non-2D/3D input, invalid spacing or unknown mode.
     """
-    if mode not in ("surface", "region"):
-        raise ValueError(f"mode must be 'surface' or 'region', got {mode!r}")
+    _check_hd95_mode(mode)
     pred_np, gt_np = _validated_pair(pred, gt)
     axis_spacing = normalize_spacing(spacing, pred_np.ndim)
     empty_score = _empty_mask_score(pred_np, gt_np)
     if empty_score is not None:
         return 0.0 if empty_score == 1.0 else image_diagonal(pred_np.shape, axis_spacing)
     if mode == "surface":
-        forward, backward = compute_surface_distances(pred_np, gt_np, axis_spacing)
-    else:
-        forward, backward = _region_distances(pred_np, gt_np, axis_spacing)
-    return float(max(np.percentile(forward, _HD_PERCENTILE), np.percentile(backward, _HD_PERCENTILE)))
+        return _monai_hd95(pred_np, gt_np, axis_spacing)
+    if mode == "contour":
+        return _max_directed_percentile(*compute_surface_distances(pred_np, gt_np, axis_spacing))
+    return _max_directed_percentile(*_region_distances(pred_np, gt_np, axis_spacing))
 
 
 def _fraction_within(distances: np.ndarray, tolerance: float) -> float:

@@ -29,7 +29,13 @@ from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
 
-from medcore_monai.metrics.boundary import HD95Mode, SpacingLike, compute_boundary_f1, compute_hd95
+from medcore_monai.metrics.boundary import (
+    HD95_MODES,
+    HD95Mode,
+    SpacingLike,
+    compute_boundary_f1,
+    compute_hd95,
+)
 
 __all__ = ["BoundaryF1Metric", "HD95Metric"]
 
@@ -249,7 +255,9 @@ class HD95Metric(_PerClassMaskMetric):
     Args:
         include_background: score one-hot channel 0 too (ignored for single-channel input, whose only
             channel is always scored).
-        mode: ``"surface"`` (contour distances) or ``"region"`` (MedCore pilot variant).
+        mode: ``"surface"`` (MONAI's HD95, equal to ``HausdorffDistanceMetric(percentile=95)`` but with
+            the empty-mask policy of :mod:`medcore_monai.metrics.boundary` instead of NaN), ``"region"``
+            (MedCore pilot variant) or ``"contour"`` (inner-contour definition of releases before 0.2).
         reduction: default reduction used by :meth:`aggregate`.
         get_not_nans: make :meth:`aggregate` return ``(value, not_nans)``.
         use_meta_spacing: read spacing from ``y.pixdim`` when ``y`` is a MetaTensor and no ``spacing`` is
@@ -264,8 +272,9 @@ class HD95Metric(_PerClassMaskMetric):
         get_not_nans: bool = False,
         use_meta_spacing: bool = True,
     ) -> None:
-        if mode not in ("surface", "region"):
-            raise ValueError(f"mode must be 'surface' or 'region', got {mode!r}")
+        # Checked here too so that a bad bundle config fails when it is parsed, not at the first batch.
+        if mode not in HD95_MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, HD95_MODES))}, got {mode!r}")
         super().__init__(include_background, reduction, get_not_nans, use_meta_spacing)
         self.mode = mode
 
