@@ -4,7 +4,9 @@ Run ``python -m medcore_monai.demo --help``. Steps: build or load a SAM/MedSAM m
 images the MedSAM way, compute the boundary-aware Fisher of the encoder on them, score heads and MLP
 channels (zero intervention: no SAM reference needed), prune to the requested budgets, slim the model
 physically, check that the slim model equals the masked one, evaluate both, and save the compact
-checkpoint plus ``report.json``.
+checkpoint plus ``report.json`` in ``--output-dir`` (default :data:`DEFAULT_OUTPUT_DIR`). The demo never writes
+to the bundle's default job folder ``outputs/demo``: that folder's ``report.md`` and ``report.json`` belong to
+one bundle run, and a demo report there would silently replace the bundle's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from .transforms import medsam_preprocess
 
 logger = logging.getLogger("medcore_monai.demo")
 
+DEFAULT_OUTPUT_DIR = "outputs/model_layer_demo"
+BUNDLE_OUTPUT_DIR = "outputs/demo"  # output_dir of configs/demo.yaml, the bundle's default job
+
 
 def synthetic_items(count: int, size: int, seed: int) -> list[dict[str, Any]]:
     """Noisy channel-first images with one elliptical object each (for runs without a dataset)."""
@@ -72,8 +77,35 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
     return build_sam(args.model_type, seed=args.seed)
 
 
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Return ``output_dir`` as a path, refusing the bundle's default job folder.
+
+    Args:
+        output_dir: Folder the demo is asked to write to (relative paths resolve against the working directory,
+            as the bundle's do).
+
+    Returns:
+        ``output_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: If ``output_dir`` is the bundle's ``outputs/demo`` folder.
+    """
+    path = Path(output_dir)
+    if path.resolve() == Path(BUNDLE_OUTPUT_DIR).resolve():
+        raise ValueError(
+            f"{output_dir} is the bundle's default job folder; the demo would overwrite its report.json. "
+            f"Use another --output-dir (default: {DEFAULT_OUTPUT_DIR})."
+        )
+    return path
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Execute the demo and return the report (also written to ``output_dir/report.json``)."""
+    """Execute the demo and return the report (also written to ``output_dir/report.json``).
+
+    Raises:
+        ValueError: If ``args.output_dir`` is the bundle's default job folder (checked before any work).
+    """
+    output_dir = check_output_dir(args.output_dir)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -107,7 +139,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     max_diff = float((slim_logits - masked_logits).abs().max())
     slim_metrics = summarise(evaluate_model(model, loader, device))
 
-    output_dir = Path(args.output_dir)
     checkpoint = save_sam(sam, output_dir / "compact_model.pth", metadata={"demo": vars(args)})
     report = {
         "source_model": args.checkpoint or f"random {args.model_type} (seed {args.seed})",
@@ -136,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--head-sparsity", type=float, default=0.5)
     parser.add_argument("--mlp-sparsity", type=float, default=0.5)
-    parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help=f"folder for compact_model.pth and report.json (default: {DEFAULT_OUTPUT_DIR}; {BUNDLE_OUTPUT_DIR}, "
+        "the bundle's default job folder, is refused)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -146,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_output_dir(args.output_dir)
+    except ValueError as error:
+        parser.error(str(error))  # exits with status 2, before any model is built
     report = run_demo(args)
     print(json.dumps({k: report[k] for k in ("encoder_params", "encoder_flops", "metrics")}, indent=2))
     print(f"max |masked - compact| = {report['max_abs_diff_masked_vs_compact']:.2e}; report in {args.output_dir}")

@@ -358,6 +358,38 @@ def test_step_motion_matches_a_per_channel_kspace_reference():
     assert np.allclose(out, np.clip(expected, 0, 1), atol=1e-5)
 
 
+def _lower_half_kspace(image: np.ndarray, factor) -> np.ndarray:
+    """Every channel with the lower half of its fftshift-ed k-space rows multiplied by ``factor``."""
+    out = np.empty_like(image)
+    for c, plane in enumerate(image.astype(np.float64)):
+        k = np.fft.fftshift(np.fft.fft2(plane))
+        k[k.shape[0] // 2 :] *= factor
+        out[c] = np.clip(np.abs(np.fft.ifft2(np.fft.ifftshift(k))), 0, 1)
+    return out
+
+
+@pytest.mark.parametrize("severity", SEVERITIES)
+def test_step_motion_is_a_shift_plus_a_half_kspace_inversion_at_every_severity(severity):
+    # docs/robustness.md relies on this: on even widths the reference ramp (shifted column index) is
+    # (-1)**shift times a true shift ramp (signed frequency), and every severity's shift is odd, so every
+    # severity also negates the lower half of k-space; that inversion, not the shift, is what moves Dice
+    image = colour_image()
+    shift = severity_parameters("step_motion", severity)["shift_px"]
+    cols = image.shape[-1]
+    assert cols % 2 == 0 and shift % 2 == 1
+    signed = np.arange(cols) - cols // 2
+    expected = _lower_half_kspace(image, -np.exp(-2j * np.pi * shift * signed / cols))
+    assert np.allclose(corrupt(image, "step_motion", severity), expected, atol=1e-5)
+
+
+def test_step_motion_looks_more_like_the_inversion_than_like_the_image():
+    image = colour_image()
+    flipped = _lower_half_kspace(image, -1.0)
+    for severity in (1, 3):
+        out = corrupt(image, "step_motion", severity)
+        assert np.corrcoef(out.ravel(), flipped.ravel())[0, 1] > np.corrcoef(out.ravel(), image.ravel())[0, 1]
+
+
 def test_gaussian_blur_uses_opencv_kernel_and_mirrored_border():
     impulse = np.zeros((3, 15, 15), dtype=np.float32)
     impulse[:, 7, 7] = 1.0

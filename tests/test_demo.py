@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from medcore_monai.demo import main
+from medcore_monai.demo import BUNDLE_OUTPUT_DIR, DEFAULT_OUTPUT_DIR, build_parser, check_output_dir, main
 
 
 def _run(tmp_path, *extra):
@@ -26,6 +27,41 @@ def test_demo_on_synthetic_images(tmp_path):
     heads, channels = report["budgets"]
     assert heads["achieved"] == round(0.34 * 18) and channels["achieved"] == round(0.5 * 6 * 768)
     assert report["fisher_samples"] == {"used": 2, "skipped": 0}
+
+
+def test_demo_default_folder_is_its_own():
+    default = build_parser().parse_args([]).output_dir
+    assert default == DEFAULT_OUTPUT_DIR == "outputs/model_layer_demo"
+    assert default != BUNDLE_OUTPUT_DIR == "outputs/demo"
+
+
+def test_demo_writes_to_its_default_folder_and_not_the_bundle_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--num-images", "1", "--quiet"]) == 0
+    assert (tmp_path / "outputs" / "model_layer_demo" / "report.json").is_file()
+    assert (tmp_path / "outputs" / "model_layer_demo" / "compact_model.pth").is_file()
+    assert not (tmp_path / "outputs" / "demo").exists()
+
+
+@pytest.mark.parametrize("spelling", ["outputs/demo", "outputs/demo/", "./outputs/x/../demo"])
+def test_demo_refuses_the_bundle_job_folder(tmp_path, monkeypatch, capsys, spelling):
+    monkeypatch.chdir(tmp_path)
+    bundle_job = tmp_path / "outputs" / "demo"
+    bundle_job.mkdir(parents=True)
+    (bundle_job / "report.json").write_text('{"bundle": true}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output-dir", spelling, "--num-images", "1", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "bundle's default job folder" in capsys.readouterr().err
+    assert sorted(p.name for p in bundle_job.iterdir()) == ["report.json"]
+    assert (bundle_job / "report.json").read_text() == '{"bundle": true}'
+
+
+def test_check_output_dir_accepts_other_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert check_output_dir("outputs/demo_b") == Path("outputs/demo_b")
+    with pytest.raises(ValueError, match="outputs/demo"):
+        check_output_dir(tmp_path / "outputs" / "demo")
 
 
 @pytest.mark.integration

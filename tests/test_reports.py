@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from matplotlib import image as mpl_image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from PIL import Image
 
 from medcore_monai.reports import (
     plot_budget_curves,
@@ -17,6 +19,9 @@ from medcore_monai.reports import (
     render_report_markdown,
     write_report_markdown,
 )
+from medcore_monai.reports.corruptions import heatmap_figure, plot_robustness_heatmap
+from medcore_monai.reports.plots import _score_figure
+from medcore_monai.transforms.corruptions import CORRUPTIONS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -106,6 +111,144 @@ def test_plot_score_scatter_matrix_and_size_check(tmp_path):
     _assert_valid_png(plot_score_scatter(scores, scores * 2, tmp_path / "matrix.png"))
     with pytest.raises(ValueError, match="per-block sizes"):
         plot_score_scatter([np.ones(3)], [np.ones(4)], tmp_path / "bad.png")
+
+
+def _scatter_state(figure) -> tuple[np.ndarray | None, list[float] | None]:
+    """(colour value per drawn point, colour bar ticks) of a score scatter figure."""
+    points = figure.axes[0].collections[0]
+    colour_bars = figure.axes[1:]
+    ticks = list(colour_bars[0].get_yticks()) if colour_bars else None
+    return points.get_array(), ticks
+
+
+def _flat_scores(blocks: int, heads: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    zero = rng.lognormal(size=blocks * heads)
+    return zero, zero * rng.lognormal(0, 0.3, size=zero.size)
+
+
+def test_score_scatter_per_block_colours_are_block_indices():
+    rng = np.random.default_rng(4)
+    zero = [torch.as_tensor(rng.lognormal(size=3)) for _ in range(6)]
+    reset = [z * 2 for z in zero]
+    colours, ticks = _scatter_state(_score_figure(zero, reset, "t"))
+    assert np.array_equal(colours, np.repeat(np.arange(6), 3))
+    assert ticks == [0, 1, 2, 3, 4, 5]
+
+
+def test_score_scatter_flat_with_heads_per_block_colours_by_block():
+    # the prune engine's call: flat, block-major head scores of 12 blocks x 12 heads
+    zero, reset = _flat_scores(12, 12)
+    figure = _score_figure(zero, reset, "t", heads_per_block=12)
+    colours, ticks = _scatter_state(figure)
+    assert colours.min() == 0 and colours.max() == 11
+    assert np.array_equal(colours, np.arange(144) // 12)
+    assert ticks == list(range(12))
+    assert figure.axes[1].get_ylabel() == "Encoder block"
+    # discrete bar: one colour per block, boundaries half-way between block indices
+    norm = figure.axes[0].collections[0].norm
+    assert list(norm.boundaries) == [b - 0.5 for b in range(13)] and norm.Ncmap == 12
+
+
+def test_score_scatter_flat_with_explicit_blocks_and_hidden_points():
+    zero, reset = _flat_scores(3, 4)
+    blocks = np.array([0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2])  # pruned widths: blocks differ in size
+    zero[-1] = 0.0  # hidden, but block 2 still has shown points
+    colours, ticks = _scatter_state(_score_figure(zero, reset, "t", blocks=blocks))
+    assert np.array_equal(colours, blocks[:-1])
+    assert ticks == [0, 1, 2]
+
+
+def test_score_scatter_many_blocks_tick_every_nth_block():
+    zero, reset = _flat_scores(32, 2)
+    _, ticks = _scatter_state(_score_figure(zero, reset, "t", heads_per_block=2))
+    assert ticks == list(range(0, 32, 2))
+
+
+def test_score_scatter_flat_without_blocks_has_no_colour_bar(tmp_path):
+    zero, reset = _flat_scores(4, 3)
+    figure = _score_figure(zero, reset, "t")
+    assert len(figure.axes) == 1  # no colour bar claiming a block axis
+    assert figure.axes[0].collections[0].get_array() is None
+    _assert_valid_png(plot_score_scatter(zero, reset, tmp_path / "flat.png"))
+    _assert_valid_png(plot_score_scatter(zero, reset, tmp_path / "blocks.png", heads_per_block=3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"heads_per_block": 5}, "do not split"),
+        ({"heads_per_block": 0}, "do not split"),
+        ({"blocks": np.zeros(11)}, "one non-negative integer"),
+        ({"blocks": np.full(12, 0.5)}, "one non-negative integer"),
+        ({"blocks": np.zeros(12), "heads_per_block": 3}, "not both"),
+    ],
+)
+def test_score_scatter_rejects_inconsistent_blocks(tmp_path, kwargs, message):
+    zero, reset = _flat_scores(4, 3)
+    with pytest.raises(ValueError, match=message):
+        plot_score_scatter(zero, reset, tmp_path / "bad.png", **kwargs)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_score_scatter_rejects_blocks_with_per_block_scores_and_mixed_forms(tmp_path):
+    scores = np.ones((2, 3))
+    with pytest.raises(ValueError, match="per-block scores carry"):
+        plot_score_scatter(scores, scores, tmp_path / "bad.png", heads_per_block=3)
+    with pytest.raises(ValueError, match="both be flat"):
+        plot_score_scatter(scores.ravel(), scores, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="same size"):
+        plot_score_scatter(np.ones(3), np.ones(4), tmp_path / "bad.png")
+
+
+def _robustness_table(corruptions: int, severities: tuple[int, ...]) -> dict[str, dict[int, float]]:
+    rng = np.random.default_rng(5)
+    return {name: {s: float(rng.uniform(0.3, 0.9)) for s in severities} for name in CORRUPTIONS[:corruptions]}
+
+
+def _drawn_inside_figure(figure) -> bool:
+    """True when everything drawn (suptitle, labels, drawn tick labels, colour bar) lies inside the figure."""
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)  # runs constrained layout
+    drawn = figure.get_tightbbox(renderer)  # inches, over the artists actually drawn
+    width, height = figure.get_size_inches()
+    slack = 1.0 / figure.dpi  # one pixel of rounding
+    return drawn.x0 >= -slack and drawn.y0 >= -slack and drawn.x1 <= width + slack and drawn.y1 <= height + slack
+
+
+@pytest.mark.parametrize(
+    ("corruptions", "severities", "min_size"),
+    [(12, (1, 3, 5), (700, 600)), (1, (3,), (650, 250))],
+)
+def test_robustness_heatmap_size_scales_with_the_table(tmp_path, corruptions, severities, min_size):
+    table = _robustness_table(corruptions, severities)
+    out = plot_robustness_heatmap(table, tmp_path / "sub" / "heatmap.png", clean=0.862)
+    with Image.open(out) as png:
+        width, height = png.size
+    assert width >= min_size[0] and height >= min_size[1]
+    assert _drawn_inside_figure(heatmap_figure(table, clean=0.862))
+
+
+def test_robustness_heatmap_grows_with_rows_and_columns(tmp_path):
+    sizes = {}
+    for shape in ((3, (1,)), (3, (1, 2, 3, 4, 5)), (12, (1,))):
+        out = plot_robustness_heatmap(_robustness_table(*shape), tmp_path / f"{shape[0]}x{len(shape[1])}.png")
+        with Image.open(out) as png:
+            sizes[shape[0], len(shape[1])] = png.size
+    assert sizes[3, 5][0] > sizes[3, 1][0] and sizes[3, 5][1] == sizes[3, 1][1]
+    assert sizes[12, 1][1] > sizes[3, 1][1] and sizes[12, 1][0] == sizes[3, 1][0]
+
+
+def test_robustness_heatmap_long_title_is_wrapped_inside_the_image():
+    title = "Dice of the pruned tiny MedSAM under RobustMedSAM corruptions on the hippocampus sample, all severities"
+    figure = heatmap_figure(_robustness_table(1, (3,)), title=title)
+    assert "\n" in figure.get_suptitle()
+    assert _drawn_inside_figure(figure)
+
+
+def test_robustness_heatmap_rejects_an_empty_table(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        plot_robustness_heatmap({}, tmp_path / "empty.png")
 
 
 def test_plot_overwrites_existing_file(tmp_path):

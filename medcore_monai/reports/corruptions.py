@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,10 @@ PathLike = str | os.PathLike
 _PANEL_INCHES = 1.2
 _FONT_SIZE = 7
 _RGB = 3
+HEATMAP_DPI = 110
+_HEATMAP_CELL_INCHES = (1.1, 0.38)  # (per severity column, per corruption row)
+_HEATMAP_MARGIN_INCHES = (3.6, 1.35)  # corruption names + colour bar; title + severity axis
+_HEATMAP_MIN_INCHES = (6.4, 2.6)
 
 
 def _range(value: tuple[float, float], fmt: str = "g") -> str:
@@ -118,6 +123,70 @@ def plot_corruption_grid(
     return Path(out_path)
 
 
+def _heatmap_size(n_corruptions: int, n_severities: int) -> tuple[float, float]:
+    """Figure inches for a ``corruptions x severities`` heatmap: cells of fixed size plus room for the text.
+
+    The fixed part holds the corruption names, the colour bar and the title; a floor keeps a 1x1 table
+    readable (the title alone needs a few inches).
+    """
+    width = _HEATMAP_MARGIN_INCHES[0] + _HEATMAP_CELL_INCHES[0] * n_severities
+    height = _HEATMAP_MARGIN_INCHES[1] + _HEATMAP_CELL_INCHES[1] * n_corruptions
+    return max(width, _HEATMAP_MIN_INCHES[0]), max(height, _HEATMAP_MIN_INCHES[1])
+
+
+def _wrapped_title(title: str, width_inches: float, font_size: float) -> str:
+    """``title`` broken into lines that fit ``width_inches`` (a long custom title would be cut otherwise)."""
+    # an average glyph is ~0.55 em wide; one em is font_size points and 72 points make an inch
+    columns = max(20, int(width_inches * 72 / (0.55 * font_size)) - 4)
+    return "\n".join(textwrap.wrap(title, columns)) or title
+
+
+def heatmap_figure(
+    table: dict[str, dict[int, float]],
+    metric: str = "Dice",
+    clean: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The unsaved figure of :func:`plot_robustness_heatmap`, at the DPI it is saved with.
+
+    Args:
+        table: ``{corruption: {severity: value}}`` (missing cells are left blank).
+        metric: Metric name for the colour bar and title.
+        clean: The clean-image value, shown in the title for reference.
+        title: Figure title (default: built from ``metric`` and ``clean``).
+
+    Returns:
+        The figure (``layout="constrained"``, so labels and title are laid out inside it on drawing).
+
+    Raises:
+        ValueError: For an empty table.
+    """
+    if not table:
+        raise ValueError("robustness table is empty")
+    names = list(table)
+    severities = sorted({int(s) for row in table.values() for s in row})
+    values = np.array([[table[n].get(s, np.nan) for s in severities] for n in names], dtype=float)
+    size = _heatmap_size(len(names), len(severities))
+    figure = Figure(figsize=size, dpi=HEATMAP_DPI, layout="constrained")
+    axes = figure.subplots()
+    image = axes.imshow(values, cmap="viridis", aspect="auto")
+    for (row, col), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            axes.text(col, row, f"{value:.3f}", ha="center", va="center", fontsize=_FONT_SIZE + 1, color="white")
+    axes.set_xticks(range(len(severities)), [str(s) for s in severities], fontsize=_FONT_SIZE + 1)
+    axes.set_yticks(range(len(names)), names, fontsize=_FONT_SIZE + 1)
+    axes.set_xlabel("severity")
+    axes.set_ylabel("corruption")
+    figure.colorbar(image, ax=axes, label=metric)
+    suffix = f" (clean {clean:.3f})" if clean is not None else ""
+    title_size = _FONT_SIZE + 3
+    # a figure-level title is placed by constrained layout above everything, so it cannot be clipped vertically
+    figure.suptitle(
+        _wrapped_title(title or f"{metric} under corruption{suffix}", size[0], title_size), fontsize=title_size
+    )
+    return figure
+
+
 def plot_robustness_heatmap(
     table: dict[str, dict[int, float]],
     out_path: PathLike,
@@ -126,6 +195,9 @@ def plot_robustness_heatmap(
     title: str | None = None,
 ) -> Path:
     """Heatmap of one metric per corruption (rows) and severity (columns), annotated with the values.
+
+    The figure grows with the table (fixed cell size; 12 corruptions x 3 severities give about
+    770 x 650 px) and never goes below a readable minimum; title and labels stay inside the image.
 
     Args:
         table: ``{corruption: {severity: value}}`` (missing cells are left blank).
@@ -136,26 +208,13 @@ def plot_robustness_heatmap(
 
     Returns:
         The PNG path.
+
+    Raises:
+        ValueError: For an empty table.
     """
-    if not table:
-        raise ValueError("robustness table is empty")
-    names = list(table)
-    severities = sorted({int(s) for row in table.values() for s in row})
-    values = np.array([[table[n].get(s, np.nan) for s in severities] for n in names], dtype=float)
-    figure = Figure(figsize=(1.0 + 0.9 * len(severities), 0.9 + 0.32 * len(names)), layout="constrained")
-    axes = figure.subplots()
-    image = axes.imshow(values, cmap="viridis", aspect="auto")
-    for (row, col), value in np.ndenumerate(values):
-        if np.isfinite(value):
-            axes.text(col, row, f"{value:.3f}", ha="center", va="center", fontsize=_FONT_SIZE, color="white")
-    axes.set_xticks(range(len(severities)), [str(s) for s in severities])
-    axes.set_yticks(range(len(names)), names, fontsize=_FONT_SIZE + 1)
-    axes.set_xlabel("severity")
-    figure.colorbar(image, ax=axes, label=metric)
-    suffix = f" (clean {clean:.3f})" if clean is not None else ""
-    axes.set_title(title or f"{metric} under corruption{suffix}", fontsize=_FONT_SIZE + 2)
+    figure = heatmap_figure(table, metric=metric, clean=clean, title=title)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
+        figure.savefig(tmp, format="png", dpi=HEATMAP_DPI)
     return out_path

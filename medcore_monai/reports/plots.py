@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
@@ -262,47 +264,137 @@ def plot_budget_curves(
 # --------------------------------------------------------------------------------------------------
 
 
+_MAX_BLOCK_TICKS = 16  # beyond this (e.g. ViT-H's 32 blocks) every n-th block is labelled
+
+
+def _is_flat(scores: Any) -> bool:
+    """True for one 1-D array/tensor or a sequence of plain numbers (all groups of all blocks in one row)."""
+    if isinstance(scores, torch.Tensor | np.ndarray):
+        return np.ndim(scores) == 1
+    return all(np.ndim(item) == 0 for item in scores)
+
+
 def _block_arrays(scores: Any) -> list[np.ndarray]:
     """Per-block 1-D arrays from a list of per-block tensors/arrays or a ``[blocks, groups]`` array."""
-    if isinstance(scores, torch.Tensor | np.ndarray) and np.ndim(scores) == 1:
-        return [_as_1d(scores)]
     return [_as_1d(block) for block in scores]
 
 
-def plot_score_scatter(zero_scores: Any, reset_scores: Any, path: PathLike, title: str = "Head scores") -> Path:
-    """Zero-intervention against reset-intervention scores (log-log), one colour per encoder block.
+def _flat_blocks(size: int, blocks: Any, heads_per_block: int | None) -> np.ndarray | None:
+    """Block index per point of a flat score array, or None when the flat input does not say."""
+    if blocks is not None and heads_per_block is not None:
+        raise ValueError("give blocks or heads_per_block, not both")
+    if blocks is not None:
+        index = _as_1d(blocks)
+        if index.size != size or np.any(index < 0) or np.any(index != np.round(index)):
+            raise ValueError(f"blocks must give one non-negative integer block index per score ({size} scores)")
+        return index.astype(int)
+    if heads_per_block is None:
+        return None
+    if heads_per_block < 1 or size % heads_per_block:
+        raise ValueError(f"{size} flat scores do not split into blocks of heads_per_block={heads_per_block}")
+    return np.arange(size) // heads_per_block
 
-    Args:
-        zero_scores: Per-block scores (list of 1-D tensors/arrays, or ``[blocks, groups]``), e.g.
-            ``GroupScores.heads`` of :func:`~medcore_monai.pruning.zero_scores`.
-        reset_scores: Matching reset scores.
-        path: Output PNG.
-        title: Figure title; the Pearson correlation (over all shown groups, raw scores) is appended.
 
-    Returns:
-        The PNG path.
-    """
-    zero, reset = _block_arrays(zero_scores), _block_arrays(reset_scores)
-    if [z.size for z in zero] != [r.size for r in reset]:
-        raise ValueError("zero and reset scores must have the same per-block sizes")
-    block = np.concatenate([np.full(z.size, b) for b, z in enumerate(zero)]) if zero else np.empty(0)
-    xs = np.concatenate(zero) if zero else np.empty(0)
-    ys = np.concatenate(reset) if reset else np.empty(0)
+def _score_points(
+    zero_scores: Any, reset_scores: Any, blocks: Any, heads_per_block: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(zero, reset, block index or None)`` per point, from per-block or flat (block-major) inputs."""
+    if _is_flat(zero_scores) != _is_flat(reset_scores):
+        raise ValueError("zero and reset scores must both be flat or both be per block")
+    if not _is_flat(zero_scores):
+        if blocks is not None or heads_per_block is not None:
+            raise ValueError("blocks/heads_per_block are for flat scores; per-block scores carry their blocks")
+        zero, reset = _block_arrays(zero_scores), _block_arrays(reset_scores)
+        if [z.size for z in zero] != [r.size for r in reset]:
+            raise ValueError("zero and reset scores must have the same per-block sizes")
+        block = np.concatenate([np.full(z.size, b) for b, z in enumerate(zero)]) if zero else np.empty(0, int)
+        xs = np.concatenate(zero) if zero else np.empty(0)
+        ys = np.concatenate(reset) if reset else np.empty(0)
+        return xs, ys, block.astype(int)
+    xs, ys = _as_1d(zero_scores), _as_1d(reset_scores)
+    if xs.size != ys.size:
+        raise ValueError(f"zero and reset scores must have the same size ({xs.size} vs {ys.size})")
+    return xs, ys, _flat_blocks(xs.size, blocks, heads_per_block)
+
+
+def _block_colour_bar(figure: Figure, axes, points, depth: int) -> None:
+    """A discrete colour bar, one colour per block, ticked at block indices."""
+    step = max(1, -(-depth // _MAX_BLOCK_TICKS))
+    bar = figure.colorbar(points, ax=axes, label="Encoder block", ticks=np.arange(0, depth, step))
+    bar.ax.minorticks_off()
+
+
+def _score_figure(
+    zero_scores: Any,
+    reset_scores: Any,
+    title: str,
+    blocks: Any = None,
+    heads_per_block: int | None = None,
+) -> Figure:
+    """The figure of :func:`plot_score_scatter`, unsaved (tests read its colours back)."""
+    xs, ys, block = _score_points(zero_scores, reset_scores, blocks, heads_per_block)
     shown = (xs > 0) & (ys > 0) & np.isfinite(xs) & np.isfinite(ys)
     figure = Figure(figsize=(6.5, 5.5), layout="constrained")
     axes = figure.subplots()
     if shown.any():
-        colour_range = {"vmin": 0, "vmax": max(len(zero) - 1, 1)}
-        points = axes.scatter(xs[shown], ys[shown], c=block[shown], cmap="viridis", s=18, alpha=0.85, **colour_range)
-        figure.colorbar(points, ax=axes, label="Encoder block")
+        if block is None:
+            # no block index known: one colour and no colour bar rather than a made-up block axis
+            axes.scatter(xs[shown], ys[shown], color="C0", s=18, alpha=0.85)
+        else:
+            depth = int(block.max()) + 1  # over all points, so hidden scores do not shrink the block range
+            colours = colormaps["viridis"].resampled(depth)
+            norm = BoundaryNorm(np.arange(depth + 1) - 0.5, depth)
+            points = axes.scatter(xs[shown], ys[shown], c=block[shown], cmap=colours, norm=norm, s=18, alpha=0.85)
+            _block_colour_bar(figure, axes, points, depth)
         axes.set_xscale("log")
         axes.set_yscale("log")
     axes.set_xlabel("Zero-intervention score")
     axes.set_ylabel("Reset-intervention score")
     axes.set_title(f"{title} (Pearson r = {_pearson(xs[shown], ys[shown])}, n = {int(shown.sum())})")
-    hidden = int((~shown).sum())
-    if hidden:
-        axes.text(0.01, 0.99, f"{hidden} non-positive scores not shown", transform=axes.transAxes, va="top", fontsize=8)
+    notes = [f"{int((~shown).sum())} non-positive scores not shown" if (~shown).any() else ""]
+    notes.append("encoder block unknown (flat scores without blocks/heads_per_block)" if block is None else "")
+    text = "\n".join(n for n in notes if n)
+    if text:
+        axes.text(0.01, 0.99, text, transform=axes.transAxes, va="top", fontsize=8)
+    return figure
+
+
+def plot_score_scatter(
+    zero_scores: Any,
+    reset_scores: Any,
+    path: PathLike,
+    title: str = "Head scores",
+    *,
+    blocks: Any = None,
+    heads_per_block: int | None = None,
+) -> Path:
+    """Zero-intervention against reset-intervention scores (log-log), one colour per encoder block.
+
+    Scores come either per block (a list of 1-D tensors/arrays, or a ``[blocks, groups]`` array), which fixes
+    each point's block, or flat (one 1-D array of every block's groups, block-major, e.g. ``torch.cat`` of
+    ``GroupScores.heads``). Flat scores need ``blocks`` or ``heads_per_block`` to be coloured by block;
+    without either they are drawn in a single colour and without colour bar, since the block of a point is
+    then unknown. The colour bar is discrete and ticked at block indices.
+
+    Args:
+        zero_scores: Zero-intervention scores, per block or flat, e.g. ``GroupScores.heads`` of
+            :func:`~medcore_monai.pruning.zero_scores`.
+        reset_scores: Matching reset scores, in the same form.
+        path: Output PNG.
+        title: Figure title; the Pearson correlation (over all shown groups, raw scores) is appended.
+        blocks: For flat scores, the encoder block index of each score.
+        heads_per_block: For flat scores of a dense encoder, the (equal) number of groups per block; point
+            ``i`` is then in block ``i // heads_per_block``. Give this or ``blocks``, not both.
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        ValueError: If zero and reset scores do not match in size or form, ``blocks`` does not give one
+            non-negative integer per score, flat scores do not split into ``heads_per_block`` groups, both
+            ``blocks`` and ``heads_per_block`` are given, or either comes with per-block scores.
+    """
+    figure = _score_figure(zero_scores, reset_scores, title, blocks=blocks, heads_per_block=heads_per_block)
     return save_figure_atomic(figure, path)
 
 
