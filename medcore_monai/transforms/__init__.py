@@ -12,6 +12,7 @@ from medcore_monai.transforms.corruptions import (
     severity_parameters,
     with_random_corruption,
 )
+from medcore_monai.transforms.labels import MAX_LABELS, BinarizeLabeld, binarize_label
 from medcore_monai.transforms.medsam import (
     EMPTY_MASK_POLICIES,
     BinarizeMaskd,
@@ -27,8 +28,17 @@ from medcore_monai.transforms.medsam import (
     medsam_preprocess,
     min_max_scale,
 )
+from medcore_monai.transforms.volumes import ByDatasetd, ClipNonzeroPercentilesd, SplitSlicesd, slice_name, volume_name
 
 __all__ = [
+    "MAX_LABELS",
+    "BinarizeLabeld",
+    "ByDatasetd",
+    "ClipNonzeroPercentilesd",
+    "SplitSlicesd",
+    "binarize_label",
+    "slice_name",
+    "volume_name",
     "CORRUPTIONS",
     "EMPTY_MASK_POLICIES",
     "SEVERITIES",

@@ -1,0 +1,238 @@
+"""Checked bundle configuration: unknown keys fail, command-line values get the type of their default.
+
+MONAI merges every config file and ``--key value`` override into one dictionary and never complains about a key
+that nothing reads, so a typo (``--head_sparsty 0.2``) silently keeps the default. Fire, which parses the command
+line, turns ``--leverage false`` into the *string* ``"false"``, which Python treats as true. The bundle's
+``initialize`` section therefore starts with :func:`check_bundle_keys`, which compares the merged configuration of
+the running workflow with the keys the bundle's own config files define:
+
+* a top-level key no bundle config file defines fails, naming the key and the closest known keys;
+* a value whose default is a boolean or a number is converted from its command-line spelling (``false``,
+  ``True``, ``1e-5``) or refused with the expected type.
+
+Nested ids (``train#trainer#max_epochs``) are checked by MONAI itself: a misspelt argument of a component fails
+when the component is instantiated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "bundle_defaults",
+    "check_bundle_keys",
+    "check_config_values",
+    "check_inputs",
+    "check_prune_inputs",
+    "settings_snapshot",
+]
+
+_RESERVED = {"_meta_", "_requires_"}
+_EXPRESSION_PREFIXES = ("$", "@", "%")
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+class ConfigError(ValueError):
+    """A bundle setting is unknown or has a value of the wrong type."""
+
+
+def _read(path: Path) -> Mapping[str, Any]:
+    text = path.read_text()
+    content = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return content if isinstance(content, Mapping) else {}
+
+
+def bundle_defaults(config_dir: str | Path) -> dict[str, Any]:
+    """Top-level keys of every workflow config in ``config_dir`` with their first literal default.
+
+    ``metadata.json`` and ``logging.conf`` are not workflow configs; ``+key`` (MONAI's list-merge syntax) counts
+    as ``key``.
+    """
+    defaults: dict[str, Any] = {}
+    for path in sorted(Path(config_dir).glob("*")):
+        if path.suffix not in (".yaml", ".yml", ".json") or path.name == "metadata.json":
+            continue
+        for key, value in _read(path).items():
+            name = str(key).lstrip("+")
+            # a scalar default types the setting even if another file uses the key otherwise (``leverage`` is a
+            # prune switch and the leverage workflow's run section)
+            if name not in defaults or (_is_scalar(value) and not _is_scalar(defaults[name])):
+                defaults[name] = value
+    return defaults
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float))
+
+
+def _is_expression(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(_EXPRESSION_PREFIXES)
+
+
+def _active_workflow() -> Any | None:
+    """The ``monai.bundle.ConfigWorkflow`` whose ``initialize`` is running this check, if any.
+
+    MONAI evaluates ``$`` expressions without handing them the parser; the workflow is found on the call stack.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    for frame_info in inspect.stack():
+        candidate = frame_info.frame.f_locals.get("self")
+        if isinstance(candidate, ConfigWorkflow):
+            return candidate
+    return None
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _converted(key: str, value: Any, default: Any) -> Any:
+    """``value`` in the type of ``default`` (bool, int, float) or a :class:`ConfigError`."""
+    if value is None or _is_expression(value) or not _is_scalar(default) or isinstance(value, (list, dict)):
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE and not isinstance(value, float):
+            return text in _TRUE
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value) if isinstance(default, float) else value
+        try:
+            number = float(str(value))
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(default, int):
+            if not number.is_integer():
+                raise ConfigError(f"{key} must be an integer, got {value!r}")
+            return int(number)
+        return number
+    return value
+
+
+def check_config_values(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``config``'s top-level keys against ``defaults``; return the values that need converting.
+
+    Raises:
+        ConfigError: naming every unknown key (with suggestions) and every value of the wrong type.
+    """
+    problems, changes = [], {}
+    for key, value in config.items():
+        if key in _RESERVED:
+            continue
+        if key not in defaults:
+            problems.append(f"unknown key {key!r}{_suggest(key, defaults)}")
+            continue
+        try:
+            converted = _converted(key, value, defaults[key])
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        if type(converted) is not type(value) or converted != value:
+            changes[key] = converted
+    if problems:
+        raise ConfigError("invalid bundle settings:\n  " + "\n  ".join(problems))
+    return changes
+
+
+def check_bundle_keys(workflow: Any | None = None) -> dict[str, Any]:
+    """Check the running bundle's settings (see the module docstring) and convert command-line spellings.
+
+    Args:
+        workflow: the ``ConfigWorkflow``; by default the one whose ``initialize`` calls this.
+
+    Returns:
+        The converted settings (empty when nothing needed converting, or outside a bundle run).
+
+    Raises:
+        ConfigError: for unknown keys or values of the wrong type.
+    """
+    workflow = workflow or _active_workflow()
+    if workflow is None:
+        return {}
+    changes = check_config_values(workflow.parser.config, bundle_defaults(workflow.config_root_path))
+    for key, value in changes.items():
+        workflow.parser[key] = value
+    return changes
+
+
+def _json_safe(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_json_safe(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _json_safe(v) for k, v in value.items())
+    return False
+
+
+def settings_snapshot(workflow: Any | None = None) -> dict[str, Any]:
+    """The running bundle's top-level settings with their resolved values (components and sections left out).
+
+    Reports record this, so a result can always be traced to the settings that produced it.
+    """
+    workflow = workflow or _active_workflow()
+    if workflow is None:
+        return {}
+    snapshot: dict[str, Any] = {}
+    for key, raw in workflow.parser.config.items():
+        if key in _RESERVED or key in ("imports",) or isinstance(raw, (Mapping, list)) and _has_component(raw):
+            continue
+        try:
+            value = workflow.parser.get_parsed_content(key)
+        except Exception:  # noqa: BLE001 - a setting that cannot be resolved alone is not a plain setting
+            continue
+        value = str(value) if hasattr(value, "type") and type(value).__name__ == "device" else value
+        if _json_safe(value):
+            snapshot[key] = value
+    return snapshot
+
+
+def _has_component(raw: Any) -> bool:
+    if isinstance(raw, Mapping):
+        return "_target_" in raw or any(_has_component(v) for v in raw.values())
+    if isinstance(raw, list):
+        return any(_has_component(v) for v in raw) or any(isinstance(v, str) and v.startswith("$") for v in raw)
+    return False
+
+
+def check_inputs(files: Mapping[str, str | None], data_roots: Any = None, problems: Iterable[str] = ()) -> None:
+    """Fail before any work with one message listing every missing input file and data root.
+
+    Args:
+        files: ``{setting name: path}``; ``None`` paths are not checked.
+        data_roots: data roots to check (``None``: none).
+        problems: further problems found by the caller (e.g. a score that needs ``sam_ckpt``).
+
+    Raises:
+        ConfigError: naming every problem.
+    """
+    found = [f"{key} not found: {path}" for key, path in files.items() if path and not Path(str(path)).is_file()]
+    if data_roots is not None:
+        roots = [data_roots] if isinstance(data_roots, str) else list(data_roots)
+        found += ["data_roots is empty"] if not roots else []
+        found += [f"data root not found: {root}" for root in roots if not Path(str(root)).exists()]
+    found += [p for p in problems if p]
+    if found:
+        raise ConfigError("cannot start:\n  " + "\n  ".join(found))
+
+
+def check_prune_inputs(medsam_ckpt: str | None, sam_ckpt: str | None, score: str, data_roots: Any) -> None:
+    """:func:`check_inputs` for a pruning run: the scores ``dual`` and ``reset`` need ``sam_ckpt`` too."""
+    needs_sam = score in ("dual", "reset")
+    problem = f"score {score!r} needs sam_ckpt (the general SAM the medical model came from)"
+    files = {"medsam_ckpt": medsam_ckpt, "sam_ckpt": sam_ckpt if needs_sam else None}
+    missing = [] if medsam_ckpt else ["medsam_ckpt is not set"]
+    check_inputs(files, data_roots, missing + ([problem] if needs_sam and not sam_ckpt else []))

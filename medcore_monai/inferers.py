@@ -1,0 +1,135 @@
+"""Box-prompted MedSAM inference at each image's own resolution, slice by slice for volumes.
+
+MedSAM's evaluation protocol: every 2-D image (or every slice of a volume that holds the structure) is brought to
+the model size, prompted with a box drawn from its mask, and the low-resolution logits are upsampled bilinearly
+back to the native size; slices without the structure get no prompt and predict nothing. :class:`BoxPromptInferer`
+does this as a MONAI ``Inferer``, so a ``SupervisedEvaluator`` compares native predictions with native labels and
+the metric handlers read the voxel spacing from the labels (3-D metrics in mm for volumes).
+
+The model-size preparation is the bundle's own dictionary transforms (``model_transform``: resize, min-max
+scaling, box from the mask, optionally a corruption), applied to each ``{"image", "label", "name"}`` slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from torch import nn
+
+from .transforms.volumes import slice_name
+
+__all__ = ["UNPROMPTED_LOGIT", "BoxPromptInferer", "prepare_prompted_batch"]
+
+#: Logit of pixels of slices without a prompt (sigmoid ~ 0): they predict background.
+UNPROMPTED_LOGIT = -100.0
+
+
+def _plain(value: Any) -> torch.Tensor:
+    return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+
+
+def _names(batchdata: Mapping[str, Any], count: int) -> list[str]:
+    names = batchdata.get("name")
+    if names is None:  # bare MONAI Label items: the file name identifies the sample
+        image = batchdata["image"]
+        files = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        names = files if isinstance(files, (list, tuple)) else [files or f"item{i}" for i in range(count)]
+    names = names if isinstance(names, (list, tuple)) else [names]
+    return [str(n) for n in names]
+
+
+def prepare_prompted_batch(
+    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **_: Any
+) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, Any]]:
+    """``prepare_batch`` for evaluators using :class:`BoxPromptInferer`.
+
+    The native label is both the target and the prompt source (MedSAM boxes come from the masks); names seed the
+    per-sample box jitter, ``slice_axis`` says how volumes are cut.
+    """
+    images, labels = batchdata["image"], batchdata["label"]
+    axes = batchdata.get("slice_axis")
+    kwargs = {"prompts": labels, "names": _names(batchdata, len(images))}
+    if axes is not None:
+        kwargs["slice_axes"] = [int(a) for a in torch.as_tensor(axes).reshape(-1).tolist()]
+    return images.to(device, non_blocking=non_blocking), labels.to(device, non_blocking=non_blocking), (), kwargs
+
+
+class BoxPromptInferer(Inferer):
+    """Native-resolution box-prompted inference of 2-D images ``[B, C, H, W]`` or volumes ``[B, C, H, W, D]``.
+
+    Args:
+        model_transform: dictionary transform turning a native ``{"image", "label", "name"}`` slice into the
+            model input (``image [3, S, S]``, ``box [4]``), e.g. resize + min-max + deterministic box.
+        slice_axis: spatial axis along which volumes are cut (a batch's ``slice_axes`` take precedence).
+        batch_size: slices per network call.
+        image_key: key of the image in the transformed sample.
+        box_key: key of the box prompt in the transformed sample.
+    """
+
+    def __init__(
+        self,
+        model_transform: Callable[[dict[str, Any]], Mapping[str, Any]],
+        slice_axis: int = 2,
+        batch_size: int = 8,
+        image_key: str = "image",
+        box_key: str = "box",
+    ) -> None:
+        super().__init__()
+        self.model_transform = model_transform
+        self.slice_axis, self.batch_size = int(slice_axis), int(batch_size)
+        self.image_key, self.box_key = image_key, box_key
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        prompts: torch.Tensor | None = None,
+        names: Sequence[str] | None = None,
+        slice_axes: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits ``[B, 1, *spatial]`` at the inputs' resolution (``UNPROMPTED_LOGIT`` where nothing was prompted).
+
+        Raises:
+            ValueError: without ``prompts`` (masks to draw boxes from) or for inputs that are neither 2-D nor 3-D.
+        """
+        if prompts is None:
+            raise ValueError("BoxPromptInferer needs prompts: the masks its boxes are drawn from")
+        if inputs.ndim not in (4, 5):
+            raise ValueError(f"expected [B, C, H, W] or [B, C, H, W, D] inputs, got {tuple(inputs.shape)}")
+        names = list(names) if names is not None else [f"item{i}" for i in range(len(inputs))]
+        outputs = []
+        for b in range(inputs.shape[0]):
+            axis = int(slice_axes[b]) if slice_axes is not None else self.slice_axis
+            outputs.append(self._item(inputs[b], prompts[b], names[b], axis, network))
+        return torch.stack(outputs)
+
+    def _item(self, image: torch.Tensor, prompt: torch.Tensor, name: str, axis: int, network: nn.Module):
+        image, prompt = _plain(image), _plain(prompt)
+        out = torch.full((1, *image.shape[1:]), UNPROMPTED_LOGIT, dtype=torch.float32, device=image.device)
+        if image.ndim == 3:
+            out[0] = self._predict([(image, prompt, name)], network)[0]
+            return out
+        counts = (prompt > 0).sum(dim=tuple(d for d in (0, 1, 2, 3) if d != axis + 1))
+        indices = [int(i) for i in torch.nonzero(counts).flatten()]
+        slices = [(image.select(axis + 1, i), prompt.select(axis + 1, i), slice_name(name, i)) for i in indices]
+        for start in range(0, len(slices), self.batch_size):
+            chunk = slices[start : start + self.batch_size]
+            for i, logits in zip(indices[start : start + self.batch_size], self._predict(chunk, network)):
+                out[0].select(axis, i).copy_(logits)
+        return out
+
+    def _predict(self, slices: Sequence[tuple[torch.Tensor, torch.Tensor, str]], network: nn.Module):
+        """Native-size logits ``[n, H, W]`` of 2-D slices ``(image [C, H, W], mask [1, H, W], name)``."""
+        samples = [self.model_transform({"image": im.cpu(), "label": pr.cpu(), "name": n}) for im, pr, n in slices]
+        device = next(network.parameters()).device
+        images = torch.stack([_plain(s[self.image_key]) for s in samples]).to(device).float()
+        boxes = torch.stack([_plain(s[self.box_key]) for s in samples]).to(device).float()
+        low_res = network(images, boxes).float()
+        size = tuple(slices[0][0].shape[-2:])
+        return F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)[:, 0].to(slices[0][0].device)
