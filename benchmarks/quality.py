@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from common import evaluate_summary, kvasir_setup, write_results
 
-from medcore_monai.engines.prune import model_cost
-from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs, recover
+from medcore_monai.cascade import recover, run_cascade
+from medcore_monai.engines.measure import model_cost
+from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs
 from medcore_monai.networks import MedSAM
-from medcore_monai.pruning.cascade import CascadeConfig, run_cascade, score_model_methods
+from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 
 METHODS = [("dual", 0), ("zero", 0), ("reset", 0), ("taylor", 0), ("magnitude", 0), ("random", 0), ("random", 1),
            ("random", 2)]  # fmt: skip

@@ -34,13 +34,13 @@ import torch
 from common import evaluate_summary, kvasir_setup, write_results
 from monai.data import DataLoader
 
+from medcore_monai.cascade import run_cascade
 from medcore_monai.data.datasets import preprocess_split
 from medcore_monai.engines.evaluation import degraded
 from medcore_monai.engines.finetune import finetune
-from medcore_monai.engines.prune import model_cost
-from medcore_monai.engines.recovery import RecoveryConfig
+from medcore_monai.engines.measure import model_cost
 from medcore_monai.networks import MedSAM, RobustMaskDecoder, RobustMedSAM
-from medcore_monai.pruning.cascade import CascadeConfig, run_cascade
+from medcore_monai.pruning.cascade import CascadeConfig, RecoveryConfig
 from medcore_monai.transforms import CORRUPTIONS, SEVERITIES, medsam_preprocess
 from medcore_monai.transforms.corruptions import corrupted_once, with_random_corruption
 

@@ -31,10 +31,11 @@ from .data.datasets import (
 from .data.splits import SplitManifest
 from .engines.common import input_problems, raise_problems
 from .engines.evaluation import evaluate_items, predict_native, slices_to_volumes, summarise
-from .engines.prune import PruneSettings, model_cost, run_prune
+from .engines.measure import model_cost
 from .files import atomic_path, write_json_atomic, write_text_atomic
-from .networks import MedSAM, RobustMedSAM, as_medsam, load_sam, read_checkpoint, save_sam
+from .networks import MedSAM, RobustMedSAM, as_medsam, load_sam, read_checkpoint, read_model_state, save_sam
 from .networks.build import file_sha256
+from .prune import PruneSettings, run_prune
 
 __all__ = [
     "check_preset_keys",
@@ -466,7 +467,7 @@ def finetune(
 
         merge_svd_adaptation(model.image_encoder)
         if result["best_checkpoint"] is not None:
-            model.load_state_dict(read_checkpoint(result["best_checkpoint"])["state_dict"], strict=True)
+            model.load_state_dict(read_model_state(result["best_checkpoint"]), strict=True)
     result["corruptions"] = sorted({name for name, _ in corruption_grid})
     result["svd_adaptation"] = svd_adaptation
     result["loss"] = "robust consistency" if consistency_loss else "dice + bce"
@@ -496,7 +497,7 @@ def leverage(
     ``mlp_levels``, ``tau`` and ``n_bootstrap``. Writes ``leverage.json`` and ``leverage_histogram.png``.
     """
     from .engines.leverage import run_leverage_analysis
-    from .engines.prune import calibration_samples  # the same calibration selection as pruning
+    from .prune import calibration_samples  # the same calibration selection as pruning
 
     grid = {k: settings.pop(k) for k in ("head_levels", "mlp_levels", "tau", "n_bootstrap") if k in settings}
     config = PruneSettings.from_mapping(

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from monai.bundle import ConfigWorkflow, verify_metadata
 from PIL import Image
 
@@ -43,7 +44,9 @@ def png_dataset(tmp_path_factory):
 
 
 def _run(workflow: str, overrides: dict, preset: str | None = None):
-    files = [str(CONFIGS / f"{workflow}.yaml")] + ([str(REPO / "configs" / preset)] if preset else [])
+    overlays = ("evaluate", "prune")  # overlays on train.yaml
+    base = [str(CONFIGS / "train.yaml")] if workflow in overlays else []
+    files = base + [str(CONFIGS / f"{workflow}.yaml")] + ([str(REPO / "configs" / preset)] if preset else [])
     overrides = {
         "bundle_root": str(REPO / "bundle")
     } | overrides  # the configs default to the repo-root-relative "bundle"
@@ -84,9 +87,11 @@ def test_prune_then_evaluate_export_infer(checkpoints, png_dataset, tmp_path):
     assert report["budgets"][0]["achieved"] == round(0.3 * 18)
     run_dir = tmp_path / "prune"  # the other workflows default to the run's pruned model and write beside it
 
-    _run("evaluate", common | {"output_dir": str(run_dir)})
+    _run("evaluate", common | {"output_dir": str(run_dir), "eval_split": "all"})
     evaluation = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())
     assert evaluation["split"] == "all" and evaluation["metrics"][png_dataset.name]["n"] == 8  # never-seen folder
+    assert evaluation["metrics"][png_dataset.name]["units"] == "pixels"
+    assert (run_dir / "evaluation" / "val_bf1_raw.csv").is_file()  # MetricsSaver's per-image values
     assert evaluation["cost"]["encoder_params"] == report["cost"]["after"]["encoder_params"]
     assert evaluation["latency"]["total_s"] > 0
 
@@ -149,7 +154,7 @@ def test_leverage_and_finetune_workflows(checkpoints, png_dataset, tmp_path):
 def test_cli_prune_fails_early_on_a_missing_checkpoint(png_dataset, tmp_path):
     command = [
         sys.executable, "-m", "monai.bundle", "run", "prune",
-        "--config_file", f"['{CONFIGS / 'prune.yaml'}']",
+        "--config_file", f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'prune.yaml'}']",
         "--medsam_ckpt", str(tmp_path / "missing.pth"),
         "--data_roots", f"['{png_dataset}']",
         "--output_dir", str(tmp_path / "out"),
@@ -176,20 +181,19 @@ def test_embedded_default_runs_on_shipped_models_and_sample(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_presets_only_use_known_keys(preset):
-    from medcore_monai.workflows import check_preset_keys
+    from medcore_monai.config import bundle_defaults, check_config_values
 
-    for workflow in ("prune", "evaluate", "export", "infer", "finetune", "leverage"):
-        check_preset_keys(
-            ["run", workflow, "--config_file", f"['{CONFIGS / workflow}.yaml','{REPO / 'configs' / preset}']"]
-        )
+    content = yaml.safe_load((REPO / "configs" / preset).read_text())
+    check_config_values({k.lstrip("+"): v for k, v in content.items()}, bundle_defaults(CONFIGS))
 
 
-def test_a_preset_typo_fails_before_any_work(tmp_path):
-    from medcore_monai.workflows import check_preset_keys
-
+def test_a_preset_typo_fails_before_any_work(png_dataset, tmp_path):
     preset = tmp_path / "mine.yaml"
-    preset.write_text("head_sparsty: 0.2\n+imports: []\nmlp_sparsity: 0.5\n")
-    with pytest.raises(ValueError, match=r"mine.yaml: \['head_sparsty'\]"):
-        check_preset_keys(["--config_file", f"['{CONFIGS / 'prune.yaml'}','{preset}']"])
-    check_preset_keys(["--config_file", str(CONFIGS / "prune.yaml")])  # no preset: nothing to check
-    check_preset_keys([])
+    preset.write_text("head_sparsty: 0.2\nmlp_sparsity: 0.5\n")
+    with pytest.raises(RuntimeError) as caught:
+        _run("prune", {"data_roots": [str(png_dataset)], "output_dir": str(tmp_path / "out")}, preset=str(preset))
+    error = caught.value
+    while error.__cause__ is not None:
+        error = error.__cause__
+    assert "unknown key 'head_sparsty' (did you mean head_sparsity" in str(error)
+    assert not (tmp_path / "out").exists()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medcore_monai.cascade import recover, run_cascade
 from medcore_monai.demo import synthetic_items
-from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs, recover
+from medcore_monai.engines.recovery import RecoveryTrainer, TeacherOutputs
 from medcore_monai.losses.recovery import RecoveryLossWeights, boundary_complexity, recovery_loss
 from medcore_monai.networks import (
     MedSAM,
@@ -18,7 +19,7 @@ from medcore_monai.networks import (
     kept_indices,
     slim_encoder_,
 )
-from medcore_monai.pruning.cascade import CascadeConfig, aligned_reference, run_cascade
+from medcore_monai.pruning.cascade import CascadeConfig, RecoveryConfig, aligned_reference
 from medcore_monai.transforms import medsam_preprocess
 
 
@@ -109,34 +110,38 @@ def test_recovery_trains_only_the_encoder_and_keeps_removed_groups_frozen(calibr
     assert all(p.requires_grad for p in model.parameters())  # the freezing is undone for later training
 
 
-def test_recovery_is_reproducible_and_resumes_from_its_checkpoint(calibration, tmp_path):
-    results = []
-    for run in range(2):
-        model = _model()
-        teacher = TeacherOutputs(model, cache=True)
-        teacher.precompute(calibration["a"], "cpu")
-        log = recover(
-            model,
-            teacher,
-            calibration["a"],
-            RecoveryConfig(steps=2, lr=1e-4, seed=5),
-            progress=False,
-            checkpoint_dir=tmp_path / f"run{run}",
-        )
-        results.append((log["losses"], model.state_dict()["image_encoder.blocks.0.mlp.lin1.weight"].clone()))
-    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
-    assert list((tmp_path / "run0").glob("recovery_checkpoint_*.pt"))
+def _recovery_run(calibration, folder, interrupt_at=None):
     model = _model()
-    again = recover(
-        model,
-        TeacherOutputs(model),
-        calibration["a"],
-        RecoveryConfig(steps=2, lr=1e-4, seed=5),
-        progress=False,
-        checkpoint_dir=tmp_path / "run0",
-    )
-    assert again.get("resumed_completed") is True
-    assert torch.equal(model.state_dict()["image_encoder.blocks.0.mlp.lin1.weight"], results[0][1])
+    teacher = TeacherOutputs(model, cache=True).precompute(calibration["a"], "cpu")
+    original = RecoveryTrainer._iteration
+
+    def interrupted(self, engine, batch):
+        if engine.state.iteration == interrupt_at:
+            raise KeyboardInterrupt("killed")  # like SIGINT/SIGKILL between two iterations
+        return original(self, engine, batch)
+
+    config = RecoveryConfig(steps=8, lr=1e-3, seed=5)
+    try:
+        RecoveryTrainer._iteration = interrupted
+        log = recover(model, teacher, calibration["a"], config, progress=False, checkpoint_dir=folder)
+    finally:
+        RecoveryTrainer._iteration = original
+    return model, log
+
+
+def test_recovery_is_reproducible_and_an_interrupted_run_resumes_bit_identically(calibration, tmp_path):
+    first, first_log = _recovery_run(calibration, tmp_path / "a")
+    second, second_log = _recovery_run(calibration, tmp_path / "b")
+    assert first_log["losses"] == second_log["losses"] and len(first_log["losses"]) == 8
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
+
+    with pytest.raises(KeyboardInterrupt):
+        _recovery_run(calibration, tmp_path / "c", interrupt_at=7)  # the state was saved after iteration 6
+    (tmp_path / "c" / ".checkpoint_latest.pt.abc123.pt").write_bytes(b"")  # a save killed half-way
+    resumed, resumed_log = _recovery_run(calibration, tmp_path / "c")
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in first.state_dict().items())
+    assert resumed_log["losses"] == first_log["losses"]  # the history before the interruption is kept
+    assert not list((tmp_path / "c").glob(".checkpoint_latest.pt.*"))  # stale temporary removed
 
 
 # ----------------------------------------------------------------------------------------------- cascade
@@ -215,7 +220,7 @@ def test_random_baseline_depends_on_seed_only(calibration):
 
 
 def test_reset_scores_need_a_reference(calibration):
-    with pytest.raises(ValueError, match="SAM reference"):
+    with pytest.raises(ValueError, match="needs the general SAM"):
         run_cascade(_model(), calibration, _config(score="dual"), reference_model=None, progress=False)
     with pytest.raises(ValueError, match="score must be one of"):
         CascadeConfig(score="l2")

@@ -1,1 +1,18 @@
-"""Ignite/MONAI engines of medcore_monai: evaluation, recovery, fine-tuning."""
+"""Ignite/MONAI engines of medcore_monai and the batch conventions they share."""
+
+from medcore_monai.engines.common import plain_tensor, prepare_medsam_batch
+from medcore_monai.engines.measure import measure_latency, model_cost
+from medcore_monai.engines.parameters import trainable_parameters
+from medcore_monai.engines.recovery import RecoverySampler, RecoveryTrainer, TeacherOutputs, recovery_loader
+
+__all__ = [
+    "RecoverySampler",
+    "RecoveryTrainer",
+    "TeacherOutputs",
+    "measure_latency",
+    "model_cost",
+    "plain_tensor",
+    "prepare_medsam_batch",
+    "recovery_loader",
+    "trainable_parameters",
+]

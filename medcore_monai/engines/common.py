@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
-from torch import nn
+
+from ..tensors import plain_tensor, preserved_requires_grad
 
 __all__ = ["input_problems", "plain_tensor", "prepare_medsam_batch", "preserved_requires_grad", "raise_problems"]
-
-
-def plain_tensor(value: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
-    """A plain ``torch.Tensor`` on ``device`` (MetaTensor metadata tracking costs time in the model)."""
-    tensor = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
-    return tensor.to(device=device, non_blocking=non_blocking) if device is not None else tensor
 
 
 def prepare_medsam_batch(
@@ -33,21 +26,6 @@ def prepare_medsam_batch(
     target = plain_tensor(batchdata["label_lowres"], device, non_blocking).float()
     boxes = plain_tensor(batchdata["box"], device, non_blocking).float()
     return images, target, (boxes,), {}
-
-
-@contextmanager
-def preserved_requires_grad(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore every parameter's ``requires_grad`` flag on exit.
-
-    Calibration and recovery freeze everything but the encoder while they run; the caller's model must come
-    back as it went in, or a later fine-tuning finds its decoder frozen.
-    """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        yield model
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
 
 
 def input_problems(files: Mapping[str, str | None], data_roots: Sequence[str] | None) -> list[str]:

@@ -1,71 +1,59 @@
-"""Short recovery training after each pruning step, as a MONAI ``SupervisedTrainer``.
+"""Recovery training after each pruning step, as a MONAI ``SupervisedTrainer`` subclass.
 
-The student's image encoder is trained (prompt encoder and mask decoder frozen) on the calibration
-images with :func:`medcore_monai.losses.recovery_loss` against a teacher: the model as it was at the
-start of the pruning run. Images are drawn with replacement, in proportion to their boundary
-complexity, from an explicitly seeded generator; every call gets a fresh AdamW.
+The student's image encoder is trained (prompt encoder and mask decoder frozen) on the calibration images with
+:func:`medcore_monai.losses.recovery_loss` against a teacher: the model as it was when the pruning run started,
+whose outputs are cached once. Images are drawn with replacement, in proportion to their boundary complexity, by a
+sampler seeded per epoch (and per rank), so a run resumed in the middle of an epoch draws what an uninterrupted
+one draws. :class:`RecoveryTrainer` overrides only ``_iteration``, as the model zoo's custom trainers do; one
+epoch is one cascade stage.
 
-Under several processes (``torchrun``, ``idist.Parallel``) each process draws its own images (the
-sampler's seed is offset by the rank) and the student runs wrapped in ``DistributedDataParallel``, so the
-gradients of all processes are averaged and the replicas stay identical: the effective batch is
-``batch_size x world size``. Ignite's ``Checkpoint`` writes from the main process only.
+Under several processes (``torchrun``) each process draws its own images (the sampler's seed is offset by the
+rank) and the student runs wrapped in ``DistributedDataParallel``, so gradients are averaged across processes.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Events
-from ignite.handlers import Checkpoint, DiskSaver
-from monai.engines import SupervisedTrainer
+from monai.engines import IterationEvents, SupervisedTrainer
 from monai.utils import CommonKeys as Keys
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler
 
-from ..handlers.tensorboard import attach_tensorboard
 from ..losses.recovery import RecoveryLossWeights, boundary_complexity, recovery_loss
-from .common import plain_tensor, prepare_medsam_batch, preserved_requires_grad
-from .distributed import data_parallel, is_main_process, synchronise
+from ..pruning.cascade import RecoveryConfig
+from .common import plain_tensor, prepare_medsam_batch
+from .distributed import data_parallel
 
-__all__ = ["RecoveryConfig", "TeacherOutputs", "recover", "freeze_for_recovery"]
+__all__ = [
+    "RecoveryConfig",
+    "RecoverySampler",
+    "RecoveryTrainer",
+    "TeacherOutputs",
+    "freeze_for_recovery",
+    "loss_terms",
+    "recovery_loader",
+]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RecoveryConfig:
-    """Recovery hyper-parameters (MedCore defaults: 100 steps, AdamW lr 1e-5, no weight decay, batch 1)."""
-
-    steps: int = 100
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    batch_size: int = 1
-    seed: int = 0
-    amp: bool = False
-    loss: RecoveryLossWeights = field(default_factory=RecoveryLossWeights)
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"invalid recovery config: steps {self.steps}, batch {self.batch_size}, lr {self.lr}")
 
 
 class TeacherOutputs:
     """Teacher image embeddings and logits for a batch.
 
-    With ``cache=True`` the outputs of every calibration sample are computed once (their boxes are
-    tight, hence fixed) and looked up by sample name, so recovery never runs the teacher again and
-    the teacher model can be freed. Otherwise a frozen copy runs on the student's device.
+    With ``cache=True`` the outputs of every calibration sample are computed once (their boxes are tight, hence
+    fixed) and looked up by sample name, so recovery never runs the teacher again and the teacher model is freed.
+    Otherwise a frozen copy runs on the student's device.
     """
 
     def __init__(self, teacher: nn.Module, cache: bool = False) -> None:
-        self.teacher = copy.deepcopy(teacher).eval()
+        self.teacher = copy.deepcopy(getattr(teacher, "module", teacher)).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.cache = cache
@@ -78,20 +66,18 @@ class TeacherOutputs:
         return embedding, self.teacher.decode(embedding, boxes.to(device))
 
     @torch.no_grad()
-    def precompute(self, samples: Sequence[Mapping[str, Any]], device: torch.device | str) -> None:
-        """Fill the cache for ``samples`` (preprocessed dicts with ``image``, ``box`` and a unique ``name``).
-
-        Without caching the live teacher answers every call, so only its device is set.
-        """
+    def precompute(self, samples: Sequence[Mapping[str, Any]], device: torch.device | str) -> TeacherOutputs:
+        """Fill the cache for ``samples`` (``image``, ``box`` and a unique ``name``); returns ``self``."""
         self.teacher.to(device)
         if not self.cache:
-            return
+            return self
         for sample in samples:
             images = plain_tensor(sample["image"], device).float()[None]
             boxes = plain_tensor(sample["box"], device).float()[None]
             emb, logits = self._run(images, boxes)
             self._store[str(sample["name"])] = (emb[0], logits[0])
         self.teacher = None  # outputs are all cached; free the copy
+        return self
 
     def __call__(self, names: Sequence[str], images: torch.Tensor, boxes: torch.Tensor):
         """Embeddings and logits for a batch, from the cache or the teacher model."""
@@ -100,15 +86,15 @@ class TeacherOutputs:
                 pairs = [self._store[str(n)] for n in names]
             except KeyError as err:
                 raise KeyError(f"teacher cache has no entry for sample {err.args[0]!r}") from None
-            return torch.stack([p[0] for p in pairs]).to(images.device), torch.stack([p[1] for p in pairs]).to(
-                images.device
-            )
+            device = images.device
+            return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
         self.teacher.to(images.device)
         return self._run(images, boxes)
 
 
 def freeze_for_recovery(model: nn.Module) -> list[nn.Parameter]:
-    """Train the image encoder only; returns its parameters."""
+    """Train the image encoder only (prompt encoder and decoder frozen, in eval mode); returns its parameters."""
+    model = getattr(model, "module", model)
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("image_encoder."))
     model.train()
@@ -117,10 +103,39 @@ def freeze_for_recovery(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.image_encoder.parameters() if p.requires_grad]
 
 
-def _sampler(samples: Sequence[Mapping[str, Any]], count: int, seed: int) -> WeightedRandomSampler:
+class RecoverySampler(Sampler[int]):
+    """Boundary-complexity-weighted draws with replacement, seeded by ``seed``, the rank and the epoch.
+
+    ``set_epoch`` selects the epoch's draws and ``start`` skips those an interrupted run already used, so a
+    resumed run continues with exactly the images an uninterrupted one would have drawn.
+    """
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int = 0) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples, self.seed = int(num_samples), int(seed)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Draw epoch ``epoch``'s indices, skipping the first ``start``."""
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + idist.get_rank() + 7919 * self.epoch)
+        draws = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        start, self.start = self.start, 0
+        return iter(draws[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def recovery_loader(samples: Sequence[Mapping[str, Any]], steps: int, batch_size: int, seed: int) -> DataLoader:
+    """Calibration samples drawn ``steps x batch_size`` times per epoch by a :class:`RecoverySampler`."""
+    if not samples:
+        raise ValueError("recovery needs at least one calibration sample")
     weights = torch.tensor([boundary_complexity(s["label_lowres"]) for s in samples], dtype=torch.double)
-    generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(weights, num_samples=count, replacement=True, generator=generator)
+    sampler = RecoverySampler(weights, max(1, steps) * batch_size, seed)
+    return DataLoader(list(samples), batch_size=batch_size, sampler=sampler)
 
 
 def _names(batch: Mapping[str, Any]) -> list[str]:
@@ -128,160 +143,133 @@ def _names(batch: Mapping[str, Any]) -> list[str]:
     return [str(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
 
 
-class _EncodeDecode(nn.Module):
-    """Embeddings and logits in one ``forward``, so DDP sees (and synchronises) the whole training pass."""
+class RecoveryTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` whose iteration distils the pruned encoder towards the cached teacher.
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    Args:
+        device: training device.
+        max_epochs: number of cascade stages (one epoch each).
+        train_data_loader: calibration batches, e.g. from :func:`recovery_loader`.
+        network: the MedSAM being pruned; wrapped in DDP here under several processes (after freezing everything
+            but the encoder). Pruning handlers slim it between epochs and call :meth:`rebuild_optimizer`.
+        optimizer: an optimizer, or a factory ``optimizer(params)`` (a bundle component with ``_mode_: callable``)
+            that is given the encoder's parameters, here and again whenever a handler slims the network.
+        teacher: the dense model's outputs (:class:`TeacherOutputs`).
+        loss_weights: weights of the recovery loss terms.
+        epoch_length: recovery steps per stage.
+        skip_updates: prune without recovery (each stage is one idle iteration).
+        kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``amp``, ...).
+    """
 
-    def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.model.encode(images)
-        return embedding, self.model.decode(embedding, boxes)
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer],
+        teacher: TeacherOutputs,
+        loss_weights: RecoveryLossWeights | None = None,
+        epoch_length: int | None = None,
+        skip_updates: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        model = getattr(network, "module", network)
+        # the caller's flags, before anything is frozen: restored when the run ends
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        params = freeze_for_recovery(model)
+        # DDP must be built after freezing, or it waits for gradients of the frozen decoder
+        network = data_parallel(model, torch.device(device))
+        self.optimizer_factory = None if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        # set before MONAI attaches the handlers: a resuming checkpoint handler restores them on attach
+        self.teacher = teacher
+        self.loss_weights = loss_weights or RecoveryLossWeights()
+        self.losses: dict[int, list[float]] = {}
+        self.skip_updates = skip_updates  # epochs only carry the handlers' stage events (pruning without recovery)
+        kwargs.setdefault("prepare_batch", prepare_medsam_batch)
+        kwargs.setdefault("decollate", False)
+        super().__init__(
+            device=torch.device(device),
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=nn.Identity(),  # the iteration computes the recovery loss itself
+            epoch_length=epoch_length,
+            **kwargs,
+        )
+        self.add_event_handler(Events.STARTED, self._freeze)
+        self.add_event_handler(Events.EPOCH_STARTED, self._set_sampler_epoch)
+        self.add_event_handler(Events.COMPLETED, self._restore_flags)
+        self.add_event_handler(Events.EXCEPTION_RAISED, self._restore_flags_and_raise)
 
+    @property
+    def model(self) -> nn.Module:
+        """The MedSAM being trained, without a DDP wrapper."""
+        return getattr(self.network, "module", self.network)
 
-def _iteration(network: nn.Module, teacher: TeacherOutputs, config: RecoveryConfig):
-    def step(engine: SupervisedTrainer, batch: Mapping[str, Any]) -> dict[str, Any]:
+    def rebuild_optimizer(self) -> None:
+        """After slimming: re-wrap DDP around the model and give it a fresh optimizer from the factory."""
+        params = freeze_for_recovery(self.model)
+        self.network = data_parallel(self.model, self.state.device)
+        if self.optimizer_factory is not None:
+            self.optimizer = self.optimizer_factory(params)
+
+    def _freeze(self, _: Any) -> None:
+        freeze_for_recovery(self.network)
+
+    def _restore_flags(self, _: Any) -> None:
+        # the caller's model comes back as it went in, or a later fine-tuning finds its decoder frozen
+        for param, flag in self._flags:
+            param.requires_grad_(flag)
+        self.model.eval()
+
+    def _restore_flags_and_raise(self, engine: Any, error: Exception) -> None:
+        self._restore_flags(engine)
+        raise error
+
+    def _set_sampler_epoch(self, engine: Any) -> None:
+        sampler = getattr(self.data_loader, "sampler", None)
+        if isinstance(sampler, RecoverySampler):
+            done = engine.state.iteration % engine.state.epoch_length if engine.state.epoch_length else 0
+            sampler.set_epoch(engine.state.epoch, start=done * (self.data_loader.batch_size or 1))
+
+    def _iteration(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if self.skip_updates:
+            return {}
         device = engine.state.device
-        images, target_low, (boxes,), _ = prepare_medsam_batch(batch, device, engine.non_blocking)
-        target_full = plain_tensor(batch["label"], device).float()
-        teacher_emb, teacher_logits = teacher(_names(batch), images, boxes)
+        images, target_low, (boxes,), _ = engine.prepare_batch(batchdata, device, engine.non_blocking)
+        target_full = plain_tensor(batchdata["label"], device).float()
+        teacher_emb, teacher_logits = self.teacher(_names(batchdata), images, boxes)
         engine.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-            embedding, logits = network(images, boxes)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=engine.amp and device.type == "cuda"):
+            embedding, logits = engine.network(images, boxes, return_embeddings=True)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = recovery_loss(
-            logits.float(), target_full, target_low, embedding.float(), teacher_emb, teacher_logits, config.loss
+            logits.float(), target_full, target_low, embedding.float(), teacher_emb, teacher_logits, self.loss_weights
         )
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"non-finite recovery loss at iteration {engine.state.iteration}: {terms}")
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: target_low, Keys.PRED: logits.detach()}
+        engine.state.output[Keys.LOSS] = terms["loss"]
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         terms["loss"].backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
         values = {k: float(v.detach()) for k, v in terms.items()}
-        output = {Keys.IMAGE: images, Keys.LABEL: target_low, Keys.PRED: logits.detach(), Keys.LOSS: values["loss"]}
-        return output | {f"loss_{k}": v for k, v in values.items() if k != "loss"}
-
-    return step
-
-
-def recover(
-    model: nn.Module,
-    teacher: TeacherOutputs,
-    samples: Sequence[Mapping[str, Any]],
-    config: RecoveryConfig = RecoveryConfig(),
-    device: torch.device | str | None = None,
-    checkpoint_dir: str | Path | None = None,
-    progress: bool = True,
-    description: str = "recovery",
-    tensorboard_dir: str | Path | None = None,
-    tensorboard_tag: str = "recovery",
-) -> dict[str, Any]:
-    """Run ``config.steps`` recovery iterations on ``model`` (a MedSAM module) in place.
-
-    Only the image encoder trains; every parameter's ``requires_grad`` flag is restored afterwards.
-
-    Args:
-        model: student; pruning masks may be attached as hooks (removed groups then get no gradient).
-        teacher: outputs of the run's initial model.
-        samples: preprocessed calibration samples (``image``, ``label``, ``label_lowres``, ``box``, ``name``).
-        config: steps, optimiser and loss weights.
-        device: training device (default: the model's).
-        checkpoint_dir: where Ignite's ``Checkpoint`` saves network, optimiser and trainer state when the
-            run completes; if it holds a checkpoint of a previous call, that state is loaded and the
-            remaining iterations run (resume).
-        progress: show a progress bar.
-        description: progress bar label.
-        tensorboard_dir: log every loss term per iteration there (``<tensorboard_tag>/<term>``).
-        tensorboard_tag: scalar name prefix.
-
-    Returns:
-        ``{"steps", "losses"}`` with the per-iteration total loss.
-    """
-    with preserved_requires_grad(model):
-        return _run_recovery(
-            model,
-            teacher,
-            samples,
-            config,
-            device,
-            checkpoint_dir,
-            progress=progress,
-            description=description,
-            tensorboard_dir=tensorboard_dir,
-            tensorboard_tag=tensorboard_tag,
+        engine.state.output.update(
+            {Keys.LOSS: values["loss"]} | {f"loss_{k}": v for k, v in values.items() if k != "loss"}
         )
+        self.losses.setdefault(engine.state.epoch, []).append(values["loss"])
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
 
-def _run_recovery(
-    model: nn.Module,
-    teacher: TeacherOutputs,
-    samples: Sequence[Mapping[str, Any]],
-    config: RecoveryConfig,
-    device: torch.device | str | None,
-    checkpoint_dir: str | Path | None,
-    progress: bool,
-    description: str,
-    tensorboard_dir: str | Path | None,
-    tensorboard_tag: str,
-) -> dict[str, Any]:
-    if config.steps == 0:
-        return {"steps": 0, "losses": []}
-    if not samples:
-        raise ValueError("recovery needs at least one calibration sample")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
-    params = freeze_for_recovery(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    loader = DataLoader(
-        list(samples),
-        batch_size=config.batch_size,
-        # each process draws its own images; DDP averages their gradients
-        sampler=_sampler(samples, config.steps * config.batch_size, config.seed + idist.get_rank()),
-    )
-    trainer = SupervisedTrainer(
-        device=device,
-        max_epochs=1,
-        train_data_loader=loader,
-        network=model,
-        optimizer=optimizer,
-        loss_function=nn.Identity(),  # the iteration computes the recovery loss itself
-        epoch_length=config.steps,
-        prepare_batch=prepare_medsam_batch,
-        iteration_update=_iteration(data_parallel(_EncodeDecode(model), device), teacher, config),
-    )
-    losses: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output[Keys.LOSS]))
-    if checkpoint_dir is not None and _attach_checkpoint(trainer, model, optimizer, Path(checkpoint_dir)):
-        model.eval()
-        return {"steps": config.steps, "losses": [], "resumed_completed": True}
-    if tensorboard_dir is not None:
-        attach_tensorboard(trainer, tensorboard_dir, tensorboard_tag, _loss_terms)
-    if progress and is_main_process():
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(desc=description, persist=False).attach(trainer, output_transform=lambda out: out[Keys.LOSS])
-    trainer.run()
-    model.eval()
-    return {"steps": config.steps, "losses": losses}
-
-
-def _loss_terms(output: Mapping[str, Any]) -> dict[str, float]:
-    return {"loss": output[Keys.LOSS]} | {k[len("loss_") :]: v for k, v in output.items() if k.startswith("loss_")}
-
-
-def _attach_checkpoint(trainer: SupervisedTrainer, model: nn.Module, optimizer, folder: Path) -> bool:
-    """Save state periodically and at the end; load an earlier state. Returns True if that run had completed."""
-    objects = {"network": model, "optimizer": optimizer, "trainer": trainer}
-    saver = DiskSaver(str(folder), require_empty=False, atomic=True)
-    handler = Checkpoint(objects, saver, filename_prefix="recovery", n_saved=1)
-    trainer.add_event_handler(Events.COMPLETED, handler)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, trainer.state.epoch_length // 4)), handler)
-    existing = sorted(folder.glob("recovery_checkpoint_*.pt"))
-    # no process may write a checkpoint before every process has looked for one, or they would resume
-    # from different iterations (and DDP would hang or fail)
-    synchronise()
-    if existing:
-        state = torch.load(existing[-1], map_location="cpu", weights_only=True)
-        Checkpoint.load_objects(objects, state)
-        logger.info("resumed recovery from %s at iteration %d", existing[-1], trainer.state.iteration)
-        return trainer.state.iteration >= trainer.state.epoch_length
-    return False
+def loss_terms(output: Mapping[str, Any]) -> dict[str, float]:
+    """Every recovery loss term of an iteration output, named ``recovery/<term>`` (for TensorBoard)."""
+    if not output:
+        return {}
+    terms = {"recovery/loss": output[Keys.LOSS]}
+    return terms | {f"recovery/{k[len('loss_') :]}": v for k, v in output.items() if k.startswith("loss_")}

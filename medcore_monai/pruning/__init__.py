@@ -10,6 +10,7 @@ from .budget import (
     plan_masks,
     select_removals,
 )
+from .cascade import CascadeConfig, CascadeResult, CascadeState, RecoveryConfig, score_model, score_model_methods
 from .fisher import FisherAccumulator, FisherResult, compute_fisher, create_fisher_engine, cross_fisher
 from .scores import (
     SCORE_METHODS,
@@ -24,6 +25,12 @@ from .scores import (
 )
 
 __all__ = [
+    "CascadeConfig",
+    "CascadeResult",
+    "CascadeState",
+    "RecoveryConfig",
+    "score_model",
+    "score_model_methods",
     "SCORE_METHODS",
     "BudgetReport",
     "BudgetShortfallWarning",

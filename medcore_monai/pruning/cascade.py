@@ -1,18 +1,18 @@
-"""The MedCore cascade: heads -> recovery -> MLP channels -> recovery, with any score method.
+"""The MedCore cascade's decisions: what to calibrate, how to score, which heads and channels to remove.
 
-One call prunes a MedSAM model in place. Scores come from per-dataset boundary-aware Fisher of the
-current model and (for ``dual``/``reset``) the Fisher of the general SAM reference; budgets are split
-over blocks by sensitivity; after each step the model is slimmed physically (default) or masked, then
-recovered against the model as it was at the start of the call.
+Scores come from per-dataset boundary-aware Fisher of the current model and (for ``dual``/``reset``) the Fisher
+of the general SAM reference; budgets are split over blocks by sensitivity; each step slims the model physically
+(default) or masks it. :class:`CascadeState` holds one cascade's state; the Ignite side (recovery training
+between the steps, stage evaluation, reports) is :class:`medcore_monai.handlers.PruningHandler` on a
+:class:`medcore_monai.engines.recovery.RecoveryTrainer`, and :func:`medcore_monai.cascade.run_cascade` runs both.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..engines.recovery import RecoveryConfig, TeacherOutputs, recover
+from ..losses.recovery import RecoveryLossWeights
 from ..networks.structure import StructuredMasks, attach_masks, encoder_structure, kept_indices, slim_encoder_
 from .budget import BudgetReport, block_sensitivity, plan_masks
 from .fisher import FisherResult, compute_fisher, cross_fisher, shard_for_process
@@ -40,14 +40,32 @@ from .scores import (
 __all__ = [
     "CascadeConfig",
     "CascadeResult",
+    "CascadeState",
+    "RecoveryConfig",
     "aligned_reference",
-    "run_cascade",
     "score_groups",
     "score_model",
     "score_model_methods",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Recovery hyper-parameters (MedCore defaults: 100 steps, AdamW lr 1e-5, no weight decay, batch 1)."""
+
+    steps: int = 100
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    batch_size: int = 1
+    seed: int = 0
+    amp: bool = False
+    loss: RecoveryLossWeights = field(default_factory=RecoveryLossWeights)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"invalid recovery config: steps {self.steps}, batch {self.batch_size}, lr {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -182,19 +200,26 @@ def _loader(samples: Sequence[Mapping[str, Any]]) -> DataLoader:
     return DataLoader(shard_for_process(list(samples)), batch_size=1, shuffle=False)
 
 
-class _Pruner:
-    """State of one cascade: the model, its masks or slimmed structure, teacher and calibration data."""
+class CascadeState:
+    """State of one cascade: the model, its masks or slimmed structure, and the calibration data.
 
-    def __init__(
-        self, model, reference_model, calibration, config: CascadeConfig, device, output_dir, progress, methods=None
-    ):
+    Args:
+        model: the MedSAM being pruned (dense, or compact from an earlier run).
+        reference_model: the general SAM (``dual`` / ``reset`` scores), or ``None``.
+        calibration: per-dataset lists of preprocessed calibration samples (tight boxes, unique names).
+        config: the cascade's settings.
+        device: where calibration runs.
+        progress: progress bars.
+        methods: every score method this calibration must serve (default: ``config.score``).
+    """
+
+    def __init__(self, model, reference_model, calibration, config: CascadeConfig, device, progress=True, methods=None):
         self.methods = set(methods or [config.score])  # which score methods this calibration must serve
         if not calibration or any(len(samples) == 0 for samples in calibration.values()):
             raise ValueError("every calibration dataset needs at least one sample")
         self.model, self.reference_model = model, reference_model
         self.calibration = dict(calibration)
         self.config, self.device, self.progress = config, torch.device(device), progress
-        self.output_dir = Path(output_dir) if output_dir is not None else None
         self.pooled = [s for samples in self.calibration.values() for s in samples]
         self.masks = StructuredMasks.full(encoder_structure(model.image_encoder))
         self.hooks = None
@@ -205,12 +230,14 @@ class _Pruner:
         self.totals = (depth * cfg.num_heads, depth * cfg.mlp_dim) if cfg is not None else None
 
     def timed(self, stage: str, fn, *args, **kwargs):
+        """Call ``fn`` and add its duration to ``timing[stage]``."""
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         self.timing[stage] = self.timing.get(stage, 0.0) + time.perf_counter() - start
         return out
 
     def fisher_per_dataset(self, tag: str) -> list[FisherResult]:
+        """Boundary-aware Fisher of the current model, one calibration per dataset (counts under ``tag``)."""
         results = []
         for name, samples in self.calibration.items():
             result = compute_fisher(
@@ -228,6 +255,7 @@ class _Pruner:
         return results
 
     def sam_fisher(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | tuple[None, None]:
+        """Fisher and encoder weights of the SAM reference (``None, None`` when no method needs them)."""
         if not self.methods & {"dual", "reset"}:
             return None, None
         if self.reference_model is None:
@@ -248,6 +276,7 @@ class _Pruner:
         return result.fisher, {k: v.to(self.device) for k, v in weights.items()}
 
     def scores(self, fishers, fisher_sam, sam_weights, method=None, seed=None) -> tuple[GroupScores, dict]:
+        """Head and channel scores of the current (possibly compact) encoder, see :func:`score_groups`."""
         encoder = self.model.image_encoder
         structure = encoder_structure(encoder)
         aligned_fs = aligned_reference(fisher_sam, encoder) if fisher_sam is not None else None
@@ -266,10 +295,12 @@ class _Pruner:
         )
 
     def sensitivity(self, fishers) -> torch.Tensor:
+        """Per-block sensitivity from the pi-weighted Fisher."""
         pi = normalised_weights(self.config.pi, len(fishers))
         return block_sensitivity(_pi_weighted_fisher(fishers, pi), len(self.model.image_encoder.blocks))
 
     def apply(self, new_masks: StructuredMasks) -> None:
+        """Slim the encoder to ``new_masks`` (or attach them as masks when ``config.slim`` is off)."""
         if self.config.slim:
             slim_encoder_(self.model.image_encoder, new_masks)
             self.masks = StructuredMasks.full(encoder_structure(self.model.image_encoder))
@@ -279,7 +310,15 @@ class _Pruner:
             self.hooks.remove()
         self.hooks = attach_masks(self.model.image_encoder, self.masks)
 
+    def kept(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Kept heads and MLP channels per block, as indices of the original dense encoder."""
+        if self.config.slim:
+            blocks = self.model.image_encoder.blocks
+            return [kept_indices(b)[0] for b in blocks], [kept_indices(b)[1] for b in blocks]
+        return self.masks.kept_heads(), self.masks.kept_channels()
+
     def plan(self, head_scores, channel_scores, sensitivity, family: str) -> BudgetReport:
+        """Choose the step's removals within the budgets and apply them; returns the budget report."""
         cfg = self.config
         new_masks, reports = plan_masks(
             self.masks,
@@ -298,7 +337,8 @@ class _Pruner:
         return reports[0]
 
 
-def _initial_scores(state: _Pruner):
+def initial_scores(state: CascadeState):
+    """Calibrate and score the model as it is: ``(scores, arrays, sensitivity, SAM Fisher, SAM weights)``."""
     fishers = state.timed("fisher", state.fisher_per_dataset, "initial")
     fisher_sam, sam_weights = state.timed("fisher_sam", state.sam_fisher)
     scores, details = state.timed("scores", state.scores, fishers, fisher_sam, sam_weights)
@@ -324,8 +364,8 @@ def score_model(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    state = _Pruner(model, reference_model, calibration, config, device, None, progress)
-    scores, details, sensitivity, _, _ = _initial_scores(state)
+    state = CascadeState(model, reference_model, calibration, config, device, progress)
+    scores, details, sensitivity, _, _ = initial_scores(state)
     if fisher_counts is not None:
         fisher_counts.update(state.fisher_counts)
     return scores, details, sensitivity
@@ -346,7 +386,7 @@ def score_model_methods(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    state = _Pruner(model, reference_model, calibration, config, device, None, progress, [m for m, _ in methods])
+    state = CascadeState(model, reference_model, calibration, config, device, progress, [m for m, _ in methods])
     fishers = state.fisher_per_dataset("initial")
     fisher_sam, sam_weights = state.sam_fisher()
     sensitivity = state.sensitivity(fishers)
@@ -356,93 +396,3 @@ def score_model_methods(
         details["block_sensitivity"] = sensitivity.numpy()
         out[(method, seed)] = (scores, details, sensitivity)
     return out
-
-
-def run_cascade(
-    model: nn.Module,
-    calibration: Mapping[str, Sequence[Mapping[str, Any]]],
-    config: CascadeConfig = CascadeConfig(),
-    reference_model: nn.Module | None = None,
-    device: torch.device | str | None = None,
-    output_dir: str | Path | None = None,
-    progress: bool = True,
-    precomputed: tuple[GroupScores, dict[str, np.ndarray], torch.Tensor] | None = None,
-    on_stage: Callable[[str, nn.Module], None] | None = None,
-    tensorboard_dir: str | Path | None = None,
-) -> CascadeResult:
-    """Prune ``model`` (a :class:`~medcore_monai.networks.MedSAM`) in place.
-
-    Args:
-        model: the medical model; dense, or compact from an earlier run (continuation).
-        calibration: per-dataset lists of preprocessed calibration samples with tight boxes and unique names.
-        config: budgets, score method and recovery settings.
-        reference_model: the general SAM (as a MedSAM module, with the input normalisation it should
-            see); needed for ``dual`` and ``reset``.
-        device: where everything runs (default: the model's device).
-        output_dir: recovery checkpoints go to ``output_dir/recovery_{heads,mlp}`` (resumable).
-        progress: progress bars.
-        precomputed: ``(scores, details, sensitivity)`` from :func:`score_model` on this same model with the
-            same calibration data, to prune one model at several budgets without calibrating again.
-        on_stage: called as ``on_stage(stage, model)`` after each step's recovery (``"heads"``, ``"mlp"``),
-            e.g. to evaluate the intermediate model.
-        tensorboard_dir: log the recovery losses there (``recovery_heads/...``, ``recovery_mlp/...``).
-    """
-    if precomputed is not None and config.recompute_mlp_scores:
-        raise ValueError("precomputed scores cannot be combined with recompute_mlp_scores")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
-    state = _Pruner(model, reference_model, calibration, config, device, output_dir, progress)
-    teacher = TeacherOutputs(model, cache=config.teacher_cache)
-    state.timed("teacher", teacher.precompute, state.pooled, device)
-    if precomputed is None:
-        scores, details, sensitivity, fisher_sam, sam_weights = _initial_scores(state)
-    else:
-        (scores, details, sensitivity), fisher_sam, sam_weights = precomputed, None, None
-
-    budgets = [state.plan(scores.heads, None, sensitivity, "heads")]
-    recovery_log = {"heads": state.timed("recovery", _recover, state, teacher, "heads", tensorboard_dir)}
-    if on_stage is not None:
-        on_stage("heads", model)
-
-    if config.recompute_mlp_scores:
-        fishers = state.timed("fisher", state.fisher_per_dataset, "after_heads")
-        scores, _ = state.timed("scores", state.scores, fishers, fisher_sam, sam_weights)
-        sensitivity = state.sensitivity(fishers)
-        details["mlp_scores_recomputed"] = torch.cat(scores.channels).cpu().numpy()
-    budgets.append(state.plan(None, scores.channels, sensitivity, "channels"))
-    recovery_log["mlp"] = state.timed("recovery", _recover, state, teacher, "mlp", tensorboard_dir)
-    if on_stage is not None:
-        on_stage("mlp", model)
-
-    blocks = model.image_encoder.blocks
-    if config.slim:
-        kept_heads = [kept_indices(b)[0] for b in blocks]
-        kept_channels = [kept_indices(b)[1] for b in blocks]
-    else:
-        kept_heads, kept_channels = state.masks.kept_heads(), state.masks.kept_channels()
-    return CascadeResult(
-        masks=state.masks,
-        budgets=budgets,
-        scores=details,
-        fisher_counts=state.fisher_counts,
-        recovery=recovery_log,
-        timing=state.timing,
-        kept_heads=kept_heads,
-        kept_channels=kept_channels,
-    )
-
-
-def _recover(state: _Pruner, teacher: TeacherOutputs, stage: str, tensorboard_dir=None) -> dict[str, Any]:
-    folder = state.output_dir / f"recovery_{stage}" if state.output_dir is not None else None
-    return recover(
-        state.model,
-        teacher,
-        state.pooled,
-        state.config.recovery,
-        state.device,
-        checkpoint_dir=folder,
-        progress=state.progress,
-        description=f"recovery ({stage})",
-        tensorboard_dir=tensorboard_dir,
-        tensorboard_tag=f"recovery_{stage}",
-    )

@@ -18,9 +18,9 @@ import torch
 from ignite.engine import Engine, EventEnum, Events
 from torch import nn
 
-from ..engines.common import plain_tensor, preserved_requires_grad
 from ..losses import boundary_weighted_bce_dice
 from ..networks.structure import encoder_structure, group_sums
+from ..tensors import plain_tensor, preserved_requires_grad
 
 __all__ = [
     "FisherAccumulator",
