@@ -1,3 +1,3 @@
 """medcore-monai: boundary-preserving compression of MedSAM-family models, packaged for MONAI."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -32,6 +32,9 @@ __all__ = [
     "check_config_values",
     "check_inputs",
     "check_prune_inputs",
+    "VOLATILE_SETTINGS",
+    "fingerprint_differences",
+    "run_fingerprint",
     "settings_snapshot",
 ]
 
@@ -159,6 +162,9 @@ def check_bundle_keys(workflow: Any | None = None) -> dict[str, Any]:
     Raises:
         ConfigError: for unknown keys or values of the wrong type.
     """
+    from .bundle import install_short_errors
+
+    install_short_errors()
     workflow = workflow or _active_workflow()
     if workflow is None:
         return {}
@@ -236,3 +242,42 @@ def check_prune_inputs(medsam_ckpt: str | None, sam_ckpt: str | None, score: str
     files = {"medsam_ckpt": medsam_ckpt, "sam_ckpt": sam_ckpt if needs_sam else None}
     missing = [] if medsam_ckpt else ["medsam_ckpt is not set"]
     check_inputs(files, data_roots, missing + ([problem] if needs_sam and not sam_ckpt else []))
+
+
+#: Settings that do not change what a run computes: they never stop a run folder from resuming.
+VOLATILE_SETTINGS = frozenset(
+    {"progress", "device", "output_dir", "tensorboard_dir", "resume", "bundle_root", "dataset_dir", "ckpt_dir"}
+)
+
+
+def run_fingerprint(files: Mapping[str, str | None] | None = None, workflow: Any | None = None) -> dict[str, Any]:
+    """What identifies a run's result: its effective settings and the SHA-256 of its input files.
+
+    A run folder resumes only when this matches (see :class:`medcore_monai.handlers.TrainingCheckpoint`).
+
+    Args:
+        files: ``{setting: path}`` of input files (checkpoints) whose contents, not names, must match.
+        workflow: the running ``ConfigWorkflow`` (default: found on the call stack).
+    """
+    from .networks import file_sha256
+
+    settings = {k: v for k, v in settings_snapshot(workflow).items() if k not in VOLATILE_SETTINGS}
+    hashes = {k: file_sha256(p) for k, p in (files or {}).items() if p and Path(str(p)).is_file()}
+    return {"settings": settings, "inputs": hashes}
+
+
+def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two :func:`run_fingerprint` results (empty when they match)."""
+    out = []
+    for part in ("settings", "inputs"):
+        old, new = dict(saved.get(part, {})), dict(current.get(part, {}))
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                what = "contents of " if part == "inputs" else ""
+                out.append(f"{what}{key}: {_short(old.get(key, '<unset>'))} -> {_short(new.get(key, '<unset>'))}")
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -205,3 +205,27 @@ def test_ct_preset_windows_hounsfield_units_and_cuts_slices(tmp_path):
     assert slices[0]["image"].shape == (1, 40, 40) and torch.allclose(
         slices[0]["label"].pixdim, torch.tensor([0.8, 0.8], dtype=torch.float64)
     )
+
+
+def test_prune_overlay_has_every_monai_train_property_and_its_settings_reach_the_components():
+    workflow = _workflow(
+        ["train.yaml", "prune.yaml"], workflow_type="train", continuation="true", recovery_lr=3e-4, protected_blocks=[5]
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()
+    cascade = workflow.parser.get_parsed_content("cascade")
+    assert cascade.continuation is True and cascade.protected_blocks == (5,) and cascade.recovery.lr == 3e-4
+    optimizer = workflow.parser.get_parsed_content("optimizer")  # a factory: rebuilt after every slimming
+    assert optimizer([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 3e-4
+
+
+def test_a_misspelt_component_argument_fails_naming_it():
+    workflow = _workflow(["train.yaml", "prune.yaml"], **{"cascade#min_keep_head": 2})
+    workflow.initialize()
+    with pytest.raises(RuntimeError) as caught:
+        workflow.parser.get_parsed_content("cascade")
+    chain, error = [], caught.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__
+    assert any("min_keep_head" in message for message in chain)

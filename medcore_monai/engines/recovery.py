@@ -200,9 +200,11 @@ class RecoveryTrainer(SupervisedTrainer):
             epoch_length=epoch_length,
             **kwargs,
         )
+        self.seconds: dict[int, float] = {}  # training time per epoch (stage), handlers excluded
         self.add_event_handler(Events.STARTED, self._freeze)
         self.add_event_handler(Events.EPOCH_STARTED, self._set_sampler_epoch)
         self.add_event_handler(Events.COMPLETED, self._restore_flags)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._record_epoch_time)
         self.add_event_handler(Events.EXCEPTION_RAISED, self._restore_flags_and_raise)
 
     @property
@@ -229,6 +231,10 @@ class RecoveryTrainer(SupervisedTrainer):
     def _restore_flags_and_raise(self, engine: Any, error: Exception) -> None:
         self._restore_flags(engine)
         raise error
+
+    def _record_epoch_time(self, engine: Any) -> None:
+        # Ignite's epoch time excludes the EPOCH_COMPLETED handlers (stage evaluation), as intended here
+        self.seconds[engine.state.epoch] = float(engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0)
 
     def _set_sampler_epoch(self, engine: Any) -> None:
         sampler = getattr(self.data_loader, "sampler", None)

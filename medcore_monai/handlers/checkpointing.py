@@ -23,6 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from ..config import ConfigError, fingerprint_differences
 from ..files import atomic_torch_save
 from ..networks import CheckpointError, read_checkpoint
 from ..networks.manifest import model_manifest
@@ -105,6 +106,9 @@ class TrainingCheckpoint:
         every_iterations: also save after this many iterations (``None``: epoch ends only).
         filename: checkpoint file name.
         main_process_only: only rank 0 writes (every process holds the same state).
+        fingerprint: what identifies the run's result (:func:`medcore_monai.config.run_fingerprint`); a folder
+            holding a checkpoint with another fingerprint is refused, never resumed.
+        resume: ``False`` starts over, discarding an existing checkpoint.
     """
 
     def __init__(
@@ -113,8 +117,11 @@ class TrainingCheckpoint:
         every_iterations: int | None = None,
         filename: str = "checkpoint_latest.pt",
         main_process_only: bool = True,
+        fingerprint: Mapping[str, Any] | None = None,
+        resume: bool = True,
     ) -> None:
         self.path = Path(folder) / filename
+        self.fingerprint, self.resume = dict(fingerprint or {}), resume
         self.every_iterations = every_iterations
         self.main_process_only = main_process_only
         self.resumed_from: dict[str, int] | None = None
@@ -127,6 +134,9 @@ class TrainingCheckpoint:
 
     def _resume(self, engine: Engine) -> None:
         self._remove_stale_temporaries()
+        if self.path.is_file() and not self.resume and self.resumed_from is None:
+            logger.info("resume is off: starting over, %s is replaced", self.path)
+            self.path.unlink()
         if self.path.is_file() and self.resumed_from is None:
             self._load(engine)
 
@@ -157,7 +167,17 @@ class TrainingCheckpoint:
             "handlers": {
                 name: obj.state_dict() for name, obj in (getattr(engine.state, _REGISTRY_KEY, None) or {}).items()
             },
+            "fingerprint": self.fingerprint,
         }
+
+    def _check_fingerprint(self, saved: Mapping[str, Any]) -> None:
+        differences = fingerprint_differences(saved, self.fingerprint) if self.fingerprint else []
+        if differences:
+            raise ConfigError(
+                f"{self.path.parent} holds an unfinished or finished run with other settings, so it is not resumed:\n  "
+                + "\n  ".join(differences)
+                + "\nuse another output_dir, or start over in this one with --resume false"
+            )
 
     def save(self, engine: Engine) -> None:
         """Write the state atomically (rank 0 only under ``torchrun``)."""
@@ -169,6 +189,7 @@ class TrainingCheckpoint:
 
     def _load(self, engine: Engine) -> None:
         saved = read_checkpoint(self.path)
+        self._check_fingerprint(saved.get("fingerprint", {}))
         model = _model(engine.network)
         slim_to_manifest(model, saved["medcore"]["blocks"])
         model.load_state_dict(saved["model"], strict=True)
@@ -189,4 +210,5 @@ class TrainingCheckpoint:
         _set_rng_state(saved["rng"])
         setattr(engine.state, RESUMED_KEY, dict(saved["handlers"]))
         self.resumed_from = dict(saved["engine"])
+        engine.state.resumed_from = self.resumed_from  # reports say that the run was resumed, and from where
         logger.info("resuming from %s after iteration %d", self.path, saved["engine"]["iteration"])

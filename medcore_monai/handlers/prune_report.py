@@ -110,7 +110,11 @@ class PruneReport:
             "leverage": getattr(engine.state, "leverage", None),
             "fisher_samples": pruning.fisher_counts,
             "recovery": recovery,
-            "timing": dict(pruning.timing) | {"total": time.perf_counter() - self._start},
+            "timing": dict(pruning.timing)
+            | {f"recovery_{name}": engine.seconds.get(i + 1, 0.0) for i, name in enumerate(pruning.applied)}
+            | dict(getattr(engine.state, "stage_timing", {}))
+            | {"total": time.perf_counter() - self._start},
+            "resumed_from": getattr(engine.state, "resumed_from", None),
             "outputs": {"checkpoint": self.checkpoint_name, "scores": "scores.npz", "report_md": "report.md"},
         }
         return self.report

@@ -194,6 +194,7 @@ class StageRecorder:
         register_state(engine, "stages", self)
         engine.add_event_handler(Events.STARTED, self._resume)
         engine.state.stages = self.rows
+        engine.state.stage_timing = self.timing
         self.metrics.attach(self.evaluator)
         self.evaluator.add_event_handler(Events.STARTED, self._start_clock)
         self.evaluator.add_event_handler(Events.COMPLETED, self._record)
@@ -224,4 +225,4 @@ class StageRecorder:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.rows[:] = list(state["rows"])
-        self.timing = dict(state["timing"])
+        self.timing.update(state["timing"])

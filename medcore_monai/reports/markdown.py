@@ -25,7 +25,14 @@ __all__ = ["render_report_markdown", "write_report_markdown"]
 PathLike = str | os.PathLike
 
 DEFAULT_TITLE = "MedCore pruning report"
-METRIC_COLUMNS = (("dice", "Dice"), ("iou", "IoU"), ("bf1", "BF1"), ("hd95", "HD95"), ("hd95_region", "HD95 region"))
+METRIC_COLUMNS = (
+    ("n", "n"),
+    ("dice", "Dice"),
+    ("iou", "IoU"),
+    ("bf1", "BF1"),
+    ("hd95", "HD95"),
+    ("hd95_region", "HD95 region"),
+)
 COST_ROWS = (
     ("encoder_params", "Encoder parameters", 1e6, "M"),
     ("total_params", "Total parameters", 1e6, "M"),
@@ -63,13 +70,15 @@ def _is_number(value: Any) -> bool:
 def _metric(value: Any, name: str) -> str:
     if not _is_number(value):
         return _MISSING
+    if name == "n":
+        return str(int(value))
     if not math.isfinite(value):
         return str(float(value))
     return f"{value:.2f}" if name in _DISTANCE_METRICS else f"{value:.4f}"
 
 
 def _change(before: Any, after: Any, name: str) -> str:
-    if not (_is_number(before) and _is_number(after)):
+    if name == "n" or not (_is_number(before) and _is_number(after)):
         return _MISSING
     delta = after - before
     return ("+" if delta >= 0 else "") + _metric(delta, name)
@@ -142,8 +151,19 @@ def _metrics_section(metrics: Any) -> list[str]:
         if isinstance(stage, Mapping) and dataset != "macro"
     }
     unit_text = "; ".join(f"{d}: {u}" for d, u in units.items()) or "pixels"
-    note = f"Dice, IoU and BF1: higher is better; HD95: lower is better (units: {unit_text})."
+    note = (
+        f"Dice, IoU and BF1: higher is better; HD95: lower is better (units: {unit_text}). "
+        "n: images (or volumes) evaluated."
+    )
     return ["## Segmentation metrics", "", *_table(header, rows), "", note, ""]
+
+
+def _evaluation_section(evaluation: Any) -> list[str]:
+    if not isinstance(evaluation, Mapping):
+        return []
+    limit = evaluation.get("max_images")
+    truncated = f", at most {limit} per dataset (max_eval_images)" if limit else ""
+    return [f"Evaluated on the {evaluation.get('split', '?')} split{truncated}.", ""]
 
 
 def _cost_section(cost: Any) -> list[str]:
@@ -276,6 +296,7 @@ def render_report_markdown(
     lines = [f"# {report.get('title') or DEFAULT_TITLE}", ""]
     lines += _config_section(report.get("config"))
     lines += _metrics_section(report.get("metrics"))
+    lines += _evaluation_section(report.get("evaluation"))
     lines += _cost_section(report.get("cost"))
     lines += _budget_section(report.get("budgets"))
     lines += _stages_section(report.get("stages"))

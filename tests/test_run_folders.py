@@ -1,0 +1,88 @@
+"""Run folders: a rerun never mixes states, an interrupted pruning run resumes to the same model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medcore_monai.bundle import run_workflow
+from medcore_monai.config import ConfigError
+from medcore_monai.demo import synthetic_items
+from medcore_monai.engines.recovery import RecoveryTrainer
+from medcore_monai.networks import build_sam, load_sam
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run_folders")
+    torch.save(build_sam("tiny", seed=0).state_dict(), root / "medsam.pth")
+    torch.save(build_sam("tiny", seed=1).state_dict(), root / "sam.pth")
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for item in synthetic_items(8, 64, seed=5):
+        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(image).save(data / "images" / f"{item['name']}.png")
+        Image.fromarray(item["label"] * 255).save(data / "masks" / f"{item['name']}.png")
+    return root
+
+
+def _prune(inputs, out, **extra):
+    settings = {
+        "medsam_ckpt": str(inputs / "medsam.pth"),
+        "sam_ckpt": str(inputs / "sam.pth"),
+        "sam_pixel_normalize": False,
+        "data_roots": [str(inputs / "data")],
+        "output_dir": str(out),
+        "device": "cpu",
+        "cal_size": 3,
+        "recovery_steps": 4,
+        "head_sparsity": 0.3,
+        "mlp_sparsity": 0.3,
+        "progress": False,
+    }
+    run_workflow("prune", ("train.yaml", "prune.yaml"), **(settings | extra))
+    return json.loads((out / "report.json").read_text())
+
+
+def _weights(path):
+    return load_sam(path).state_dict()
+
+
+def test_a_rerun_with_other_settings_is_refused_and_resume_false_starts_over(inputs, tmp_path):
+    out = tmp_path / "run"
+    first = _prune(inputs, out)
+    assert first["resumed_from"] is None
+    with pytest.raises(ConfigError, match=r"recovery_lr: 1e-05 -> 0\.001") as caught:
+        _prune(inputs, out, recovery_lr=1e-3)
+    assert "--resume false" in str(caught.value)
+    again = _prune(inputs, out)  # same settings: nothing left to do, the same outputs again
+    assert again["resumed_from"]["iteration"] == 8
+    assert again["recovery"] == first["recovery"]
+    fresh = _prune(inputs, out, recovery_lr=1e-3, resume=False)
+    assert fresh["resumed_from"] is None and fresh["config"]["recovery_lr"] == 1e-3
+
+
+def test_an_interrupted_pruning_run_resumes_to_the_uninterrupted_model(inputs, tmp_path, monkeypatch):
+    whole = _prune(inputs, tmp_path / "whole")
+    original = RecoveryTrainer._iteration
+
+    def killed_at_6(self, engine, batch):
+        if engine.state.iteration == 6:  # second stage, after the checkpoint of iteration 5
+            raise KeyboardInterrupt("killed")
+        return original(self, engine, batch)
+
+    monkeypatch.setattr(RecoveryTrainer, "_iteration", killed_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        _prune(inputs, tmp_path / "cut")
+    monkeypatch.setattr(RecoveryTrainer, "_iteration", original)
+    resumed = _prune(inputs, tmp_path / "cut")
+    assert resumed["resumed_from"]["iteration"] == 5
+    assert resumed["recovery"] == whole["recovery"]  # the loss history before the interruption is kept
+    assert resumed["budgets"] == whole["budgets"] and resumed["kept_heads"] == whole["kept_heads"]
+    a, b = _weights(tmp_path / "whole" / "model_pruned.pt"), _weights(tmp_path / "cut" / "model_pruned.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
