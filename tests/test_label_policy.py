@@ -1,0 +1,67 @@
+"""One label policy for every mask format (issue: PNG masks with labels 0/1/2 were read as all background)."""
+
+from __future__ import annotations
+
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import LoadImaged
+from PIL import Image
+
+from medcore_monai.data import DataError, Image2DReader
+from medcore_monai.transforms import BinarizeLabeld
+
+
+def _load(path):
+    return LoadImaged(keys="label", reader=Image2DReader(), image_only=True, ensure_channel_first=True)(
+        {"label": str(path)}
+    )
+
+
+def _labels(shape=(20, 24)):
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[2:8, 3:9] = 1
+    mask[10:16, 12:20] = 2
+    return mask
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".nii.gz"])
+def test_every_non_zero_label_is_foreground_in_every_lossless_format(tmp_path, suffix):
+    mask = _labels()
+    path = tmp_path / f"mask{suffix}"
+    if suffix == ".nii.gz":
+        nib.save(nib.Nifti1Image(mask[..., None], np.eye(4)), path)
+    else:
+        Image.fromarray(mask).save(path)
+    binary = BinarizeLabeld(keys="label")(_load(path))["label"]
+    assert int(binary.sum()) == int((mask > 0).sum())  # both labels, in PNG, TIFF and NIfTI alike
+    one = BinarizeLabeld(keys="label", label_value=2)(_load(path))["label"]
+    assert int(one.sum()) == int((mask == 2).sum())
+
+
+def test_jpeg_masks_are_thresholded_at_half_their_range_and_refuse_a_label_value(tmp_path):
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=70)
+    loaded = _load(tmp_path / "mask.jpg")
+    assert set(torch.unique(loaded["label"]).tolist()) != {0.0, 255.0}  # compression moved the values (0 -> 1)
+    binary = BinarizeLabeld(keys="label")(loaded)["label"]
+    assert abs(int(binary.sum()) - 16 * 16) <= 16  # noise near 0 is not foreground
+    with pytest.raises(DataError, match="is a JPEG"):
+        BinarizeLabeld(keys="label", label_value=255)(loaded)
+
+
+def test_a_grey_level_mask_is_named_in_a_warning(tmp_path, caplog):
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 4, (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "grey.png")
+    with caplog.at_level(logging.WARNING):
+        BinarizeLabeld(keys="label")(_load(tmp_path / "grey.png"))
+    assert "grey.png has 64 distinct values" in caplog.text
+
+
+def test_a_non_integer_label_value_is_refused():
+    with pytest.raises(ValueError, match="label_value must be an integer"):
+        BinarizeLabeld(keys="label", label_value=1.5)
