@@ -1,7 +1,14 @@
 """data of medcore_monai: sources, splits and caching datasets for MedSAM pruning and evaluation."""
 
 from medcore_monai.data.cache import CACHE_MODES, build_dataset, transform_fingerprint
-from medcore_monai.data.datalists import SplitDatalists, calibration_groups, dataset_name, foreground_slices, pooled
+from medcore_monai.data.datalists import (
+    SplitDatalists,
+    all_items,
+    calibration_groups,
+    dataset_name,
+    foreground_slices,
+    pooled,
+)
 from medcore_monai.data.errors import DataError
 from medcore_monai.data.io import IMAGE_SUFFIXES_2D, TIFF_SUFFIXES, read_image_2d
 from medcore_monai.data.readers import Image2DReader
@@ -30,6 +37,7 @@ __all__ = [
     "SplitDatalists",
     "SplitManifest",
     "apply_split",
+    "all_items",
     "build_dataset",
     "calibration_groups",
     "datalist_items",

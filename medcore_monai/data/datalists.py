@@ -25,7 +25,7 @@ from .errors import DataError
 from .sources import NIFTI_SUFFIXES, datalist_items, folder_pairs
 from .splits import SPLIT_NAMES, SplitManifest, apply_split, make_splits
 
-__all__ = ["SplitDatalists", "calibration_groups", "dataset_name", "foreground_slices", "pooled"]
+__all__ = ["SplitDatalists", "all_items", "calibration_groups", "dataset_name", "foreground_slices", "pooled"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,3 +244,22 @@ def calibration_groups(dataset: Any, datalists: SplitDatalists) -> dict[str, lis
 def pooled(groups: Mapping[str, Sequence[Any]]) -> list[Any]:
     """All samples of per-dataset groups, dataset by dataset."""
     return [sample for group in groups.values() for sample in group]
+
+
+def all_items(
+    data_roots: Sequence[str] | str, dataset_names: Sequence[str] | None = None, slice_axis: int = 2
+) -> list[dict[str, Any]]:
+    """Every item of the data roots, unsplit (2-D images, or whole volumes), tagged with its dataset name.
+
+    For inference on folders of any size; :class:`SplitDatalists` needs enough images for three splits.
+    """
+    roots = [str(r) for r in ([data_roots] if isinstance(data_roots, str) else data_roots)]
+    names = list(dataset_names) if dataset_names else [dataset_name(r) for r in roots]
+    if len(names) != len(roots):
+        raise DataError(f"{len(names)} dataset_names for {len(roots)} data_roots")
+    items = []
+    for root, name in zip(roots, names):
+        for item in _root_items(root, name):
+            extra = {"volume": item["name"], "slice_axis": slice_axis} if _is_volume(item["image"]) else {}
+            items.append(dict(item) | {"dataset": name} | extra)
+    return items
