@@ -44,7 +44,7 @@ def png_dataset(tmp_path_factory):
 
 
 def _run(workflow: str, overrides: dict, preset: str | None = None):
-    overlays = ("evaluate", "prune")  # overlays on train.yaml
+    overlays = ("evaluate", "prune", "infer")  # overlays on train.yaml
     base = [str(CONFIGS / "train.yaml")] if workflow in overlays else []
     files = base + [str(CONFIGS / f"{workflow}.yaml")] + ([str(REPO / "configs" / preset)] if preset else [])
     overrides = {
@@ -142,13 +142,23 @@ def test_leverage_and_finetune_workflows(checkpoints, png_dataset, tmp_path):
         },
     )
     assert "blr95" in json.loads((tmp_path / "lev" / "leverage.json").read_text())["summary"]
-    _run(
-        "finetune",
-        common | {"checkpoint": str(checkpoints / "medsam_tiny.pth"), "output_dir": str(tmp_path / "ft"), "epochs": 1},
+    # finetune is an overlay on train.yaml; it writes into the pruning run's folder (output_dir) by default
+    finetune = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "finetune.yaml")],
+        run_id="finetune",
+        workflow_type=None,
+        bundle_root=str(REPO / "bundle"),
+        **common,
+        checkpoint=str(checkpoints / "medsam_tiny.pth"),
+        output_dir=str(tmp_path / "ft"),
+        epochs=1,
     )
-    history = json.loads((tmp_path / "ft" / "finetune" / "history.json").read_text())
-    assert len(history["epochs"]) == 1
-    assert (tmp_path / "ft" / "finetune" / "checkpoint_best.pth").is_file()
+    finetune.initialize()
+    finetune.run()
+    finetune.finalize()
+    assert finetune.parser.get_parsed_content("train#trainer").state.epoch == 1
+    assert load_sam(tmp_path / "ft" / "finetune" / "model.pt") is not None  # the best model, stock format
+    assert (tmp_path / "ft" / "finetune" / "checkpoint_latest.pt").is_file()
 
 
 def test_cli_prune_fails_early_on_a_missing_checkpoint(png_dataset, tmp_path):
@@ -161,7 +171,8 @@ def test_cli_prune_fails_early_on_a_missing_checkpoint(png_dataset, tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode != 0
-    assert f"medsam_ckpt not found: {tmp_path / 'missing.pth'}" in result.stderr + result.stdout
+    assert f"error: cannot start:\n  medsam_ckpt not found: {tmp_path / 'missing.pth'}" in result.stderr
+    assert "Traceback" not in result.stderr  # one clear message, not a stack (MEDCORE_DEBUG=1 shows it)
     assert not (tmp_path / "out" / "model_pruned.pt").exists()
 
 

@@ -1,16 +1,13 @@
-"""Recovery and fine-tuning under two processes (gloo on CPU): DDP keeps the replicas identical."""
+"""Recovery and the bundle's fine-tuning under two processes (gloo on CPU): DDP keeps the replicas identical."""
 
 from __future__ import annotations
-
-import json
 
 import ignite.distributed as idist
 import pytest
 import torch
 
 from medcore_monai.cascade import recover
-from medcore_monai.engines.distributed import distributed_loader, world_size
-from medcore_monai.engines.finetune import finetune
+from medcore_monai.engines.distributed import world_size
 from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs
 from medcore_monai.networks import MedSAM, build_sam
 
@@ -56,15 +53,6 @@ def _recovery_worker(local_rank, out_file, tmp_dir):
     _gather_to_file(_flat_encoder(model), out_file, {"losses": log["losses"]})
 
 
-def _finetune_worker(local_rank, out_file, tmp_dir):
-    model = MedSAM(build_sam("tiny", seed=0))
-    loader = distributed_loader(_samples(), batch_size=1, shuffle=True, seed=0)
-    result = finetune(
-        model, loader, distributed_loader(_samples(2), 1, False, 0), tmp_dir, epochs=2, lr=1e-3, progress=False
-    )
-    _gather_to_file(_flat_encoder(model), out_file, {"iterations": len(loader), "epochs": result["epochs_completed"]})
-
-
 @pytest.mark.slow
 def test_two_process_recovery_keeps_replicas_identical(tmp_path):
     out_file = tmp_path / "recovery.pt"
@@ -81,22 +69,12 @@ def test_two_process_recovery_keeps_replicas_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_finetune_shards_data_and_writes_once(tmp_path):
-    out_file = tmp_path / "finetune.pt"
-    with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
-        parallel.run(_finetune_worker, str(out_file), str(tmp_path / "ft"))
-    result = torch.load(out_file, weights_only=True)
-    assert result["world"] == 2 and result["epochs"] == 2
-    assert result["iterations"] == 2  # 4 samples split over 2 processes
-    assert torch.equal(result["params"][0], result["params"][1])
-    history = json.loads((tmp_path / "ft" / "history.json").read_text())
-    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
-    assert (tmp_path / "ft" / "checkpoint_best.pth").is_file()
-
-
-@pytest.mark.slow
 def test_torchrun_bundle_finetune_on_two_processes(tmp_path):
-    """The documented command line: ``torchrun ... -m monai.bundle run finetune`` joins one process group."""
+    """The documented command line: ``torchrun ... -m monai.bundle run finetune`` with multi_gpu_train.yaml.
+
+    Each process trains on its half of the training images with DDP; only rank 0 writes the best model and the
+    training state. Done with SVD adaptation, whose parametrization must exist before DDP wraps the model.
+    """
     import subprocess
     import sys
     from pathlib import Path
@@ -105,8 +83,10 @@ def test_torchrun_bundle_finetune_on_two_processes(tmp_path):
     from PIL import Image
 
     from medcore_monai.demo import synthetic_items
+    from medcore_monai.networks import load_sam, read_checkpoint
 
     repo = Path(__file__).resolve().parents[1]
+    configs = repo / "bundle" / "configs"
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
@@ -117,16 +97,25 @@ def test_torchrun_bundle_finetune_on_two_processes(tmp_path):
     checkpoint = tmp_path / "medsam_tiny.pth"
     torch.save(build_sam("tiny", seed=0).state_dict(), checkpoint)
     out = tmp_path / "ft"
+    files = [configs / "train.yaml", configs / "finetune.yaml", configs / "multi_gpu_train.yaml"]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
         "-m", "monai.bundle", "run", "finetune",
-        "--config_file", f"['{repo / 'bundle' / 'configs' / 'finetune.yaml'}']",
+        "--config_file", str([str(f) for f in files]),
         "--bundle_root", str(repo / "bundle"),
         "--checkpoint", str(checkpoint), "--data_roots", f"['{data}']", "--finetune_dir", str(out),
-        "--device", "cpu", "--epochs", "1", "--batch_size", "2", "--progress", "false",
+        "--epochs", "1", "--batch_size", "2", "--progress", "false",
+        "--svd_adaptation", "true", "--trainable_modules", "['image_encoder']", "--lr", "0.01",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "world size: 2" in result.stdout + result.stderr
-    history = json.loads((out / "history.json").read_text())
-    assert len(history["epochs"]) == 1 and (out / "checkpoint_best.pth").is_file()
+    logs = result.stdout + result.stderr
+    assert result.returncode == 0, logs[-3000:]
+    # 6 training images (of 10: 2 validation, 2 test), batches of 2: 3 iterations in one process, 2 in each of two
+    assert "Epoch: 1/1, Iter: 2/2" in logs and "Iter: 3/3" not in logs
+    assert logs.count("Epoch: 1/1, Iter: 1/2") == 1  # only rank 0 logs
+    state = read_checkpoint(out / "checkpoint_latest.pt")
+    assert state["engine"]["epoch"] == 1 and any(".parametrizations.weight." in k for k in state["model"])
+    tuned, original = load_sam(out / "model.pt"), load_sam(checkpoint)  # plain weights, stock keys
+    assert set(tuned.state_dict()) == set(original.state_dict())
+    changed = {k for k, v in original.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])}
+    assert changed and all(k.startswith("image_encoder.") for k in changed)

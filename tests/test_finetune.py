@@ -1,238 +1,242 @@
-"""Fine-tuning engine on the tiny model: loss, best checkpoint, schedule, early stopping, resume, masks."""
+"""The bundle's ``finetune`` run (train.yaml + finetune.yaml) on tiny PNGs: loss, best model, schedule, early
+stopping, exact resume, pruned widths and decoder-only training."""
 
 from __future__ import annotations
 
-import json
-import logging
-import math
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+from PIL import Image
 
+from medcore_monai.config import ConfigError
 from medcore_monai.demo import synthetic_items
-from medcore_monai.engines.common import prepare_medsam_batch
-from medcore_monai.engines.finetune import (
-    HISTORY_FILE,
-    _clip_gradients,
-    cosine_lr_factor,
-    finetune,
-    finetune_loss,
-)
-from medcore_monai.networks import (
-    MedSAM,
-    StructuredMasks,
-    attach_masks,
-    build_sam,
-    encoder_structure,
-    load_sam,
-    read_checkpoint,
-)
-from medcore_monai.transforms import medsam_preprocess
+from medcore_monai.handlers import GradientClipping
+from medcore_monai.networks import build_sam, load_sam, read_checkpoint, read_model_state, save_sam, slim_block_
 
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
 LR = 1e-3  # 10x the default so that two epochs visibly lower the loss of a random tiny model
 
 
-@pytest.fixture(scope="module")
-def samples():
-    transform = medsam_preprocess(size=256, bbox_shift=0, seed=0)
-    return [transform(item) for item in synthetic_items(4, 256, seed=0)]
-
-
-def _loaders(samples, count=4):
-    train = DataLoader(samples[:count], batch_size=2, shuffle=True)
-    val = DataLoader(samples[:count], batch_size=2, shuffle=False)
-    return train, val
-
-
-def _fresh_model() -> MedSAM:
-    return MedSAM(build_sam("tiny", seed=0))
-
-
-@torch.no_grad()
-def _mean_loss(model, loader) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for batch in loader:
-        images, target, (boxes,), _ = prepare_medsam_batch(batch)
-        total += float(finetune_loss(model(images, boxes), target)) * len(images)
-        count += len(images)
-    return total / count
+class _Crash(RuntimeError):
+    """Stands in for an interruption (a killed process) at a chosen point of a run."""
 
 
 @pytest.fixture(scope="module")
-def baseline(samples, tmp_path_factory):
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pngs")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for item in synthetic_items(8, 64, seed=3):
+        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{item['name']}.png")
+        Image.fromarray(item["label"] * 255).save(root / "masks" / f"{item['name']}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "medsam_tiny.pth"
+    torch.save(build_sam("tiny", seed=0).state_dict(), path)
+    return path
+
+
+class _Run(SimpleNamespace):
+    """What a test reads back from one run: the workflow, per-epoch losses / learning rates, weight snapshots."""
+
+
+def _workflow(checkpoint: Path, data_root: Path, out: Path, **keys) -> ConfigWorkflow:
+    overrides = {
+        "bundle_root": str(REPO / "bundle"),
+        "checkpoint": str(checkpoint),
+        "data_roots": [str(data_root)],
+        "finetune_dir": str(out),
+        "epochs": 2,
+        "batch_size": 2,
+        "lr": LR,
+        "patience": 0,
+        "progress": False,
+    } | keys
+    config = [str(CONFIGS / "train.yaml"), str(CONFIGS / "finetune.yaml")]
+    return ConfigWorkflow(config_file=config, run_id="finetune", workflow_type=None, **overrides)
+
+
+def _finetune(checkpoint: Path, data_root: Path, out: Path, crash_at_epoch: int | None = None, **keys) -> _Run:
+    """Run the bundle's ``finetune``, recording what the trainer and evaluator did; optionally crash at an epoch."""
+    flow = _workflow(checkpoint, data_root, out, **keys)
+    flow.initialize()
+    trainer = flow.parser.get_parsed_content("train#trainer")
+    evaluator = flow.parser.get_parsed_content("validate#evaluator")
+    network = flow.parser.get_parsed_content("network")
+    run = _Run(flow=flow, trainer=trainer, evaluator=evaluator, network=network, losses={}, lrs={}, weights={})
+
+    def record_loss(engine):
+        run.losses.setdefault(engine.state.epoch, []).append(float(engine.state.output[0]["loss"]))
+
+    def record_lr(engine):
+        run.lrs[engine.state.epoch] = trainer.optimizer.param_groups[0]["lr"]
+
+    def snapshot(engine):  # after the CheckpointSaver: the weights a save at this epoch wrote
+        run.weights[engine.state.epoch] = {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+    def crash(engine):
+        raise _Crash(f"interrupted before epoch {engine.state.epoch}")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record_loss)
+    trainer.add_event_handler(Events.EPOCH_STARTED, record_lr)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, snapshot)
+    if crash_at_epoch is not None:
+        trainer.add_event_handler(Events.EPOCH_STARTED(once=crash_at_epoch), crash)
+    try:
+        run.result = flow.run()
+    finally:
+        flow.finalize()
+    return run
+
+
+def _mean(values) -> float:
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def baseline(dense, data_root, tmp_path_factory) -> tuple[_Run, Path]:
     """An uninterrupted two-epoch run (shared by several tests)."""
-    model = _fresh_model()
-    train, val = _loaders(samples)
-    initial = _mean_loss(model, val)
     out = tmp_path_factory.mktemp("baseline")
-    result = finetune(model, train, val, out, epochs=2, lr=LR, patience=0, progress=False)
-    return model, result, out, initial
+    return _finetune(dense, data_root, out), out
 
 
 def test_loss_decreases(baseline):
-    _, result, _, initial = baseline
-    history = result["history"]
-    assert [e["epoch"] for e in history] == [1, 2]
-    assert history[1]["train_loss"] < history[0]["train_loss"]
-    assert result["best_loss"] < initial
-    assert all(e["val_loss"] == e["monitored_loss"] for e in history)
+    run, _ = baseline
+    assert sorted(run.losses) == [1, 2] and len(run.losses[1]) == len(run.losses[2]) == 3  # 6 training images, 2/batch
+    assert _mean(run.losses[2]) < _mean(run.losses[1])
+    assert all(np.isfinite(v) for losses in run.losses.values() for v in losses)
 
 
-def test_best_checkpoint_reloads_and_matches(baseline, samples):
-    model, result, out, _ = baseline
-    best = result["best_checkpoint"]
-    assert best.parent == out and best.is_file()
-    assert read_checkpoint(best)["metadata"]["epoch"] == result["best_epoch"]
-    reloaded = MedSAM(load_sam(best))
-    batch = next(iter(DataLoader(samples, batch_size=2)))
-    images, _, (boxes,), _ = prepare_medsam_batch(batch)
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(images, boxes), model(images, boxes))
+def test_best_model_is_written_in_the_one_checkpoint_format_and_matches_the_best_epoch(baseline, dense):
+    run, out = baseline
+    saved = read_checkpoint(out / "model.pt")
+    assert set(saved) == {"model", "medcore"}
+    best_epoch = run.evaluator.state.best_metric_epoch
+    assert best_epoch in (1, 2)
+    for key, value in run.weights[best_epoch].items():
+        assert torch.equal(saved["model"][key], value), key
+    reloaded = load_sam(out / "model.pt")  # strict: stock keys, the source's widths
+    assert set(reloaded.state_dict()) == set(load_sam(dense).state_dict())
+    assert (out / "checkpoint_latest.pt").is_file()
 
 
-def test_history_json_is_written(baseline):
-    _, result, out, _ = baseline
-    written = json.loads((out / HISTORY_FILE).read_text())
-    assert written["epochs"] == result["history"]
-    assert written["best_epoch"] == result["best_epoch"] and written["monitored"] == "val_loss"
-    assert not written["stopped_early"]
+def test_learning_rate_follows_the_cosine_schedule(baseline):
+    run, _ = baseline
+    # per epoch, from lr down to 0.01 * lr at the last epoch
+    assert [run.lrs[e] for e in (1, 2)] == pytest.approx([LR, 0.01 * LR])
 
 
-def test_cosine_schedule():
-    assert cosine_lr_factor(0, 1) == 1.0
-    assert cosine_lr_factor(0, 5) == 1.0 and cosine_lr_factor(4, 5) == pytest.approx(0.01)
-    assert cosine_lr_factor(2, 5) == pytest.approx(0.505)  # halfway: mean of 1 and 0.01
-    assert cosine_lr_factor(1, 5) == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi / 4)) / 2)
-    assert cosine_lr_factor(9, 5) == pytest.approx(0.01)  # constant after the end
-    factors = [cosine_lr_factor(e, 20) for e in range(20)]
-    assert factors == sorted(factors, reverse=True)
+def test_resume_after_an_interruption_gives_identical_results(baseline, dense, data_root, tmp_path):
+    reference, reference_dir = baseline
+    with pytest.raises(Exception) as err:
+        _finetune(dense, data_root, tmp_path, crash_at_epoch=2)
+    assert "interrupted before epoch 2" in _chain(err.value)
+    assert (tmp_path / "checkpoint_latest.pt").is_file()
+
+    # a new process rebuilds everything from the config; the training checkpoint restores the rest
+    resumed = _finetune(dense, data_root, tmp_path)
+    assert sorted(resumed.losses) == [2]  # epoch 1 is not trained again
+    assert resumed.losses[2] == pytest.approx(reference.losses[2], rel=1e-5)
+    assert resumed.lrs[2] == pytest.approx(reference.lrs[2])
+    for name in ("checkpoint_latest.pt", "model.pt"):
+        got, want = read_checkpoint(tmp_path / name)["model"], read_checkpoint(reference_dir / name)["model"]
+        for key, value in want.items():
+            assert torch.allclose(got[key], value, atol=1e-6), (name, key)
+
+    again = _finetune(dense, data_root, tmp_path)  # a finished run has nothing left to do
+    assert again.losses == {} and again.trainer.state.epoch == 2
 
 
-def test_learning_rate_follows_schedule(baseline):
-    _, result, _, _ = baseline
-    assert [e["lr"] for e in result["history"]] == pytest.approx([LR, 0.01 * LR])
+def test_early_stopping_when_validation_stalls_and_a_stopped_run_stays_stopped(dense, data_root, tmp_path):
+    # lr=0 keeps the weights, so the validation BF1 never improves after epoch 1
+    keys = {"epochs": 5, "lr": 0.0, "patience": 1}
+    run = _finetune(dense, data_root, tmp_path, **keys)
+    assert sorted(run.losses) == [1, 2] and run.trainer.state.epoch == 2
+    assert run.evaluator.state.best_metric_epoch == 1
+    again = _finetune(dense, data_root, tmp_path, **keys)
+    assert again.losses == {}
 
 
-def test_resume_continues_at_next_epoch_with_identical_results(baseline, samples, tmp_path):
-    _, reference, reference_dir, _ = baseline
-    train, val = _loaders(samples)
-    first = finetune(_fresh_model(), train, val, tmp_path, epochs=1, lr=LR, patience=0, progress=False)
-    assert [e["epoch"] for e in first["history"]] == [1]
-
-    # a new process would rebuild the model from scratch; the checkpoint restores everything else
-    second = finetune(_fresh_model(), train, val, tmp_path, epochs=2, lr=LR, patience=0, progress=False)
-    assert second["start_epoch"] == 2 and second["epochs_completed"] == 2
-    for got, want in zip(second["history"], reference["history"], strict=True):
-        assert got == pytest.approx(want, rel=1e-5)
-    resumed = read_checkpoint(tmp_path / "checkpoint_latest.pth")["network"]
-    uninterrupted = read_checkpoint(reference_dir / "checkpoint_latest.pth")["network"]
-    for key, value in uninterrupted.items():
-        assert torch.allclose(resumed[key], value, atol=1e-6), key
-
-    third = finetune(_fresh_model(), train, val, tmp_path, epochs=2, lr=LR, patience=0, progress=False)
-    assert third["start_epoch"] == 3 and third["history"] == second["history"]  # nothing left to run
+def test_pruned_widths_are_kept(data_root, tmp_path):
+    sam = build_sam("tiny", seed=0)
+    slim_block_(sam.image_encoder.blocks[1], [0, 2], range(300))  # a compact (slimmed) MedSAM
+    source = tmp_path / "model_pruned.pt"
+    save_sam(sam, source)
+    out = tmp_path / "ft"
+    _finetune(source, data_root, out, epochs=1)
+    tuned = load_sam(out / "model.pt")
+    block = tuned.image_encoder.blocks[1]
+    assert block.attn.num_heads == 2 and block.mlp.lin1.out_features == 300
+    assert read_checkpoint(out / "model.pt")["medcore"]["blocks"][1]["kept_heads"] == [0, 2]
+    before, after = read_model_state(source), tuned.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
 
 
-def test_early_stopping_when_validation_loss_stalls(samples, tmp_path, caplog):
-    train, val = _loaders(samples, count=2)
-    with caplog.at_level(logging.INFO, logger="medcore_monai.engines.finetune"):
-        # lr=0 keeps the weights, so the validation loss never improves after epoch 1
-        result = finetune(_fresh_model(), train, val, tmp_path, epochs=5, lr=0.0, patience=1, amp=True, progress=False)
-    assert "amp=True ignored" in caplog.text
-    assert [e["epoch"] for e in result["history"]] == [1, 2]
-    assert result["stopped_early"] and result["best_epoch"] == 1
-    assert result["history"][0]["val_loss"] == result["history"][1]["val_loss"]
-
-    again = finetune(_fresh_model(), train, val, tmp_path, epochs=5, lr=0.0, patience=1, progress=False)
-    assert again["epochs_completed"] == 2 and again["start_epoch"] == 3  # a stopped run stays stopped
-
-
-def _masks(model: MedSAM) -> StructuredMasks:
-    masks = StructuredMasks.full(encoder_structure(model.image_encoder))
-    for heads, channels in zip(masks.heads, masks.channels):
-        heads[1] = False
-        channels[::2] = False
-    return masks
+def test_defaults_read_the_pruning_run_folder(tmp_path):
+    """output_dir is the pruning run's folder: its model_pruned.pt and splits.json in, a finetune/ folder out."""
+    config = [str(CONFIGS / "train.yaml"), str(CONFIGS / "finetune.yaml")]
+    flow = ConfigWorkflow(config_file=config, workflow_type=None, output_dir=str(tmp_path))
+    flow.parser.parse()
+    assert flow.parser.get_parsed_content("checkpoint") == f"{tmp_path}/model_pruned.pt"
+    assert flow.parser.get_parsed_content("ckpt_dir") == f"{tmp_path}/finetune"
+    assert flow.parser.get_parsed_content("split_manifest") is None
+    (tmp_path / "splits.json").write_text("{}")
+    flow.parser.parse()
+    assert flow.parser.get_parsed_content("split_manifest") == f"{tmp_path}/splits.json"
 
 
-def test_attached_masks_stay_enforced(samples, tmp_path):
-    model = _fresh_model()
-    masks = _masks(model)
-    train, _ = _loaders(samples, count=2)
-    with attach_masks(model.image_encoder, masks):
-        result = finetune(model, train, None, tmp_path, epochs=1, lr=LR, patience=0, progress=True)
-    assert result["history"][0]["val_loss"] is None
-    for blk, heads, channels in zip(model.image_encoder.blocks, masks.heads, masks.channels):
-        head_dim = blk.attn.qkv.out_features // (3 * blk.attn.num_heads)
-        removed_rows = (~heads).repeat_interleave(head_dim).repeat(3)  # rows of Q, K and V
-        qkv_grad, lin1_grad = blk.attn.qkv.weight.grad, blk.mlp.lin1.weight.grad
-        assert torch.all(qkv_grad[removed_rows] == 0) and qkv_grad[~removed_rows].abs().sum() > 0
-        assert torch.all(lin1_grad[~channels] == 0) and lin1_grad[channels].abs().sum() > 0
-        assert torch.all(blk.mlp.lin2.weight.grad[:, ~channels] == 0)
-    assert all(p.grad is None for p in model.prompt_encoder.parameters())
-    assert all(p.requires_grad for p in model.prompt_encoder.parameters())  # flags restored afterwards
+def test_decoder_only_finetuning_leaves_the_encoder_untouched(dense, data_root, tmp_path):
+    out = tmp_path / "ft"
+    _finetune(dense, data_root, out, epochs=1, trainable_modules=["mask_decoder"], tensorboard_dir=str(tmp_path / "tb"))
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    before, after = load_sam(dense).state_dict(), load_sam(out / "model.pt").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("mask_decoder.") for k in changed)
+    assert not any(k.startswith("mask_decoder.iou_prediction_head.") for k in changed)
 
 
-def test_rejects_invalid_arguments(samples, tmp_path):
-    train, val = _loaders(samples, count=2)
-    with pytest.raises(ValueError, match="epochs"):
-        finetune(_fresh_model(), train, val, tmp_path, epochs=0)
-    with pytest.raises(ValueError, match="patience"):
-        finetune(_fresh_model(), train, val, tmp_path, patience=-1)
+def test_unknown_trainable_modules_fail_at_start(dense, data_root, tmp_path):
+    flow = _workflow(dense, data_root, tmp_path, trainable_modules=["decoder"])
+    with pytest.raises(Exception) as err:
+        flow.initialize()
+    assert "unknown trainable modules ['decoder']" in _chain(err.value)
+    assert not list(tmp_path.iterdir())
 
 
-def test_clipping_under_amp_unscales_first():
+def test_unknown_settings_fail_at_start(dense, data_root, tmp_path):
+    flow = _workflow(dense, data_root, tmp_path, epochz=3)
+    with pytest.raises(Exception) as err:
+        flow.initialize()
+    assert isinstance(err.value.__cause__, ConfigError) and "unknown key 'epochz'" in _chain(err.value)
+
+
+def _chain(error: BaseException | None) -> str:
+    """The messages of an exception and its causes (MONAI wraps errors raised inside config expressions)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
+
+
+def test_gradient_clipping_under_amp_unscales_first():
     # CPU GradScaler stands in for the CUDA one: same unscale_/step bookkeeping.
     layer = torch.nn.Linear(4, 1, bias=False)
     optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(layer(torch.full((1, 4), 10.0)).sum()).backward()  # unscaled gradient norm 20
     before = layer.weight.detach().clone()
-    _clip_gradients(list(layer.parameters()), max_norm=1.0)(
-        SimpleNamespace(amp=True, scaler=scaler, optimizer=optimizer)
-    )
+    GradientClipping(max_norm=1.0)(SimpleNamespace(amp=True, scaler=scaler, optimizer=optimizer))
     assert float(layer.weight.grad.norm()) == pytest.approx(1.0, rel=1e-4)
     scaler.step(optimizer)  # must not unscale a second time
     assert float((before - layer.weight.detach()).norm()) == pytest.approx(1.0, rel=1e-4)
-
-
-def test_decoder_only_finetuning_leaves_encoder_and_flags_untouched(samples, tmp_path):
-    model = _fresh_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.image_encoder.blocks[0].mlp.lin1.weight.requires_grad_(False)  # a caller's own flag survives
-    train, val = _loaders(samples, 2)
-    finetune(
-        model,
-        train,
-        val,
-        tmp_path,
-        epochs=1,
-        lr=LR,
-        patience=0,
-        progress=False,
-        trainable=("mask_decoder",),
-        tensorboard_dir=tmp_path / "tb",
-    )
-    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2  # trainer and validation
-    after = model.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("mask_decoder.") for k in changed)
-    assert not any(k.startswith("mask_decoder.iou_prediction_head.") for k in changed)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    assert flags["image_encoder.blocks.0.mlp.lin1.weight"] is False
-    assert all(v for n, v in flags.items() if n != "image_encoder.blocks.0.mlp.lin1.weight")
-
-
-def test_unknown_or_empty_trainable_modules_are_refused(samples, tmp_path):
-    train, val = _loaders(samples, 2)
-    with pytest.raises(ValueError, match="unknown trainable modules"):
-        finetune(_fresh_model(), train, val, tmp_path, epochs=1, progress=False, trainable=("decoder",))
-    model = _fresh_model()
-    for p in model.mask_decoder.parameters():
-        p.requires_grad_(False)
-    with pytest.raises(ValueError, match="nothing to train"):
-        finetune(model, train, val, tmp_path, epochs=1, progress=False, trainable=("mask_decoder",))

@@ -12,6 +12,7 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from medcore_monai.demo import synthetic_items
+from medcore_monai.engines.robust import CleanDegradedPair, prepare_pair_batch
 from medcore_monai.networks import (
     MedSAM,
     RobustMedSAM,
@@ -25,7 +26,7 @@ from medcore_monai.networks import (
     slim_block_,
 )
 from medcore_monai.networks.checkpoint import plain_state_dict
-from medcore_monai.robust import apply_svd_adaptation
+from medcore_monai.robust import apply_svd_adaptation, is_svd_adapted
 from medcore_monai.transforms import CORRUPTIONS, RandCorruptiond
 from medcore_monai.workflows import fuse
 
@@ -42,24 +43,32 @@ def _chain(error: BaseException) -> str:
     return "\n".join(messages)
 
 
-def _run(workflow: str, overrides: dict):
-    base = [str(CONFIGS / "train.yaml")] if workflow == "evaluate" else []  # evaluate is an overlay on train
+def _run(workflow: str, overrides: dict, keep: list | None = None):
+    """Run a bundle workflow; ``keep`` receives the workflow, to read its objects afterwards."""
+    base = [str(CONFIGS / "train.yaml")] if workflow in ("evaluate", "finetune") else []  # overlays on train.yaml
     flow = ConfigWorkflow(
         config_file=[*base, str(CONFIGS / f"{workflow}.yaml")],
         run_id=workflow,
         workflow_type=None,
         **({"bundle_root": str(REPO / "bundle")} | overrides),
     )
+    if keep is not None:
+        keep.append(flow)
     flow.initialize()
     result = flow.run()
     flow.finalize()
     return result
 
 
-def _finetune(checkpoint, data_root, out, **keys):
-    """One quick fine-tuning epoch through the bundle's ``finetune`` workflow."""
+def _finetune(checkpoint, data_root, out, **keys) -> ConfigWorkflow:
+    """One quick fine-tuning epoch through the bundle's ``finetune`` run (train.yaml + finetune.yaml).
+
+    The best model is ``<out>/model.pt``; returns the workflow, whose objects the tests inspect.
+    """
     common = {"checkpoint": str(checkpoint), "data_roots": [str(data_root)], "finetune_dir": str(out)}
-    return _run("finetune", common | {"epochs": 1, "batch_size": 2, "progress": False} | keys)[0]
+    flows: list[ConfigWorkflow] = []
+    _run("finetune", common | {"epochs": 1, "batch_size": 2, "progress": False} | keys, keep=flows)
+    return flows[0]
 
 
 def _changed_keys(before_path, after_path) -> set[str]:
@@ -181,9 +190,18 @@ def test_evaluate_refuses_unknown_corruptions_before_any_work(fused, png_dataset
 def test_decoder_only_finetuning_on_corrupted_images_keeps_the_encoder(fused, png_dataset, tmp_path):
     path, _ = fused
     out = tmp_path / "ft"
-    result = _finetune(path, png_dataset, out, trainable_modules=["mask_decoder"], corruptions="all", severities=[3])
-    assert result["corruptions"] == sorted(CORRUPTIONS)
-    changed = _changed_keys(path, out / "checkpoint_best.pth")
+    flow = _finetune(path, png_dataset, out, trainable_modules=["mask_decoder"], corruptions="all", severities=[3])
+    draw = flow.parser.get_parsed_content("train#preprocessing").transforms[-1]
+    assert isinstance(draw, RandCorruptiond) and {c[0] for c in draw.choices if c} == set(CORRUPTIONS)
+    train = flow.parser.get_parsed_content("train#dataset")
+    drawn = [train[i]["corruption"] for i in range(len(train)) for _ in range(4)]
+    assert any(d != "clean" for d in drawn) and all(d == "clean" or d.endswith("@3") for d in drawn)
+    # validation: the same draw per sample name, at model size
+    fixed = flow.parser.get_parsed_content("validate#inferer#model_transform").transforms[-1]
+    sample = {"image": torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), "name": "case_1"}
+    assert torch.equal(fixed(sample)["image"], fixed(dict(sample))["image"])
+    assert len({fixed(sample | {"name": f"case_{i}"})["corruption"] for i in range(40)}) > 3
+    changed = _changed_keys(path, out / "model.pt")
     assert changed and all(k.startswith("mask_decoder.") for k in changed)
     assert any("fourier" in k or "robust" in k for k in changed)  # the RobustSAM modules trained too
 
@@ -193,8 +211,11 @@ def test_svd_finetuning_writes_a_stock_checkpoint_whose_encoder_changed_in_singu
 ):
     source = checkpoints / "medsam_dense.pth"
     out = tmp_path / "svd"
-    _finetune(source, png_dataset, out, lr=1e-2, trainable_modules=["image_encoder"], svd_adaptation=True)
-    tuned = load_sam(out / "checkpoint_best.pth")  # loads strictly: stock keys, no parametrization left
+    flow = _finetune(source, png_dataset, out, lr=1e-2, trainable_modules=["image_encoder"], svd_adaptation=True)
+    network = flow.parser.get_parsed_content("network")
+    assert not is_svd_adapted(network)  # merged back when training ended
+    assert all(p.requires_grad for p in network.image_encoder.parameters())  # and the flags given back
+    tuned = load_sam(out / "model.pt")  # loads strictly: stock keys, no parametrization left
     original = load_sam(source)
     assert set(tuned.state_dict()) == set(original.state_dict())
     w0 = original.image_encoder.blocks[0].attn.qkv.weight.detach().double()
@@ -264,7 +285,7 @@ def test_as_medsam_picks_the_wrapper_for_the_decoder():
 def test_consistency_finetuning_trains_the_robust_decoder_on_clean_degraded_pairs(fused, png_dataset, tmp_path):
     path, _ = fused
     out = tmp_path / "consistency"
-    result = _finetune(
+    flow = _finetune(
         path,
         png_dataset,
         out,
@@ -273,10 +294,13 @@ def test_consistency_finetuning_trains_the_robust_decoder_on_clean_degraded_pair
         severities=[3],
         consistency_loss=True,
     )
-    assert result["loss"] == "robust consistency"
-    history = json.loads((out / "history.json").read_text())["epochs"]
-    assert np.isfinite(history[0]["train_loss"]) and np.isfinite(history[0]["val_loss"])
-    changed = _changed_keys(path, out / "checkpoint_best.pth")
+    trainer = flow.parser.get_parsed_content("train#trainer")
+    evaluator = flow.parser.get_parsed_content("validate#evaluator")
+    assert isinstance(trainer.network, CleanDegradedPair) and trainer.prepare_batch is prepare_pair_batch
+    assert evaluator.network is trainer.network.module  # validation scores the plain network
+    assert np.isfinite(float(trainer.state.output["loss"].detach()))
+    assert np.isfinite(evaluator.state.metrics["val_bf1"])
+    changed = _changed_keys(path, out / "model.pt")
     assert changed and all(k.startswith("mask_decoder.") for k in changed)
 
 
@@ -288,6 +312,15 @@ def test_consistency_loss_needs_corruptions_and_a_robust_decoder(checkpoints, fu
     with pytest.raises(Exception) as err:
         _run("finetune", common | {"checkpoint": str(checkpoints / "medsam_dense.pth"), "corruptions": "all"})
     assert "needs a RobustSAM decoder" in _chain(err.value)
+
+
+def test_finetune_refuses_unknown_corruptions_before_any_work(checkpoints, png_dataset, tmp_path):
+    out = tmp_path / "ft"
+    keys = {"checkpoint": str(checkpoints / "medsam_dense.pth"), "data_roots": [str(png_dataset)]}
+    with pytest.raises(Exception) as err:
+        _run("finetune", keys | {"finetune_dir": str(out), "corruptions": ["fog"]})
+    assert "unknown corruption 'fog'" in _chain(err.value)
+    assert not out.exists()
 
 
 def test_robust_consistency_loss_terms_and_weights():

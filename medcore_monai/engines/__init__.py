@@ -2,7 +2,7 @@
 
 from medcore_monai.engines.common import plain_tensor, prepare_medsam_batch
 from medcore_monai.engines.measure import measure_latency, model_cost
-from medcore_monai.engines.parameters import trainable_parameters
+from medcore_monai.engines.parameters import prepared_for_training, trainable_parameters
 from medcore_monai.engines.recovery import RecoverySampler, RecoveryTrainer, TeacherOutputs, recovery_loader
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "model_cost",
     "plain_tensor",
     "prepare_medsam_batch",
+    "prepared_for_training",
     "recovery_loader",
     "trainable_parameters",
 ]

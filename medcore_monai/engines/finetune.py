@@ -1,4 +1,8 @@
-"""Optional fine-tuning of a (pruned) MedSAM with MONAI's SupervisedTrainer, resumable epoch by epoch.
+"""Fine-tuning of a (pruned) MedSAM from Python with MONAI's SupervisedTrainer, resumable epoch by epoch.
+
+The bundle's ``finetune`` run does not use this module: it is train.yaml with the finetune.yaml overlay
+(:mod:`medcore_monai.handlers.finetuning`). This engine stays for Python callers (``benchmarks/robustness.py``)
+and for :func:`finetune_loss` (``engines/pair.py``).
 
 Loss: squared-denominator soft Dice + mean BCE-with-logits on the decoder's low-resolution logits vs
 ``label_lowres``. AdamW over the image encoder and mask decoder by default (``trainable``; the IoU

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["SUBMODULES", "trainable_parameters"]
+__all__ = ["SUBMODULES", "prepared_for_training", "trainable_parameters"]
 
 SUBMODULES = ("image_encoder", "prompt_encoder", "mask_decoder")
 
@@ -41,3 +41,13 @@ def trainable_parameters(network: nn.Module, modules: Sequence[str] = ("image_en
     if not params:
         raise ValueError(f"nothing to train: every parameter of {list(modules)} is frozen")
     return params
+
+
+def prepared_for_training(network: nn.Module, modules: Sequence[str] = ("image_encoder", "mask_decoder")) -> nn.Module:
+    """``network`` with everything outside ``modules`` frozen (see :func:`trainable_parameters`), returned.
+
+    DistributedDataParallel must wrap a model whose frozen parameters are already frozen, or it waits for their
+    gradients; ``multi_gpu_train.yaml`` builds its DDP module from this.
+    """
+    trainable_parameters(network, modules)
+    return network

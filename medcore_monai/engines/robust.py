@@ -1,7 +1,8 @@
 """RobustSAM-style decoder training: each image is seen clean and degraded, and the two must agree.
 
-:func:`consistency_objective` plugs into :func:`medcore_monai.engines.finetune.finetune`. Batches carry the
-degraded image under ``image`` and the clean one under ``image_clean`` (``RandCorruptiond(clean_key=...)``).
+:func:`consistency_objective` gives the trainer's network, loss and ``prepare_batch`` (bundle/configs/finetune.yaml
+with ``consistency_loss: true``). Batches carry the degraded image under ``image`` and the clean one under
+``image_clean`` (``RandCorruptiond(clean_key=...)``).
 The clean view is decoded in clear mode without gradients and serves as the target of the degraded view's
 robust mask features and output token (MSE), next to focal + Dice segmentation of the degraded view.
 """
@@ -49,14 +50,15 @@ class CleanDegradedPair(nn.Module):
         super().__init__()
         if not isinstance(model, RobustMedSAM):
             raise TypeError("consistency training needs a RobustMedSAM (a model with a RobustSAM decoder)")
-        self.model = model
+        # under ``module``, DDP's name, so checkpoint and parameter helpers that unwrap ``.module`` find the model
+        self.module = model
 
     def forward(self, pair: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Outputs of both views (see the class docstring)."""
         degraded, clean = pair[:, :3], pair[:, 3:]
         with torch.no_grad():
-            target = self.model.robust_outputs(clean, boxes, robust=False)
-        out = self.model.robust_outputs(degraded, boxes, robust=True)
+            target = self.module.robust_outputs(clean, boxes, robust=False)
+        out = self.module.robust_outputs(degraded, boxes, robust=True)
         return out.masks, out.robust_embeddings, target.robust_embeddings, out.robust_token, target.robust_token
 
 

@@ -4,6 +4,7 @@ from medcore_monai.handlers.boundary import HD95, BoundaryF1
 from medcore_monai.handlers.checkpointing import TrainingCheckpoint
 from medcore_monai.handlers.evaluation import DatasetMetrics, EvaluationReport
 from medcore_monai.handlers.leverage import LeverageAnalysis
+from medcore_monai.handlers.predictions import PredictionWriter
 from medcore_monai.handlers.prune_report import PruneReport
 from medcore_monai.handlers.pruning import PruningHandler, StageRecorder
 from medcore_monai.handlers.robustness import corruption_grid, corruption_sweep
@@ -17,6 +18,7 @@ __all__ = [
     "EvaluationReport",
     "GradientClipping",
     "LeverageAnalysis",
+    "PredictionWriter",
     "PruneReport",
     "PruningHandler",
     "StageRecorder",
