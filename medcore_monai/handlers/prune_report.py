@@ -65,11 +65,11 @@ class PruneReport:
 
     def attach(self, engine: Engine) -> None:
         """Write the outputs when the trainer completes."""
+        self._start = time.perf_counter()  # before the other STARTED handlers calibrate and evaluate
         engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def _started(self, _: Engine) -> None:
-        self._start = time.perf_counter()
         if self.datalists is not None and _is_main():
             self.datalists.save(self.output_dir / "splits.json")
 
