@@ -53,6 +53,34 @@ def _tensorboard(trainer: RecoveryTrainer, log_dir: str | Path | None) -> None:
     attach_tensorboard(trainer, log_dir, "recovery", terms)
 
 
+def _recovery_trainer(
+    model: nn.Module,
+    samples: Sequence[Mapping[str, Any]],
+    config: RecoveryConfig,
+    teacher: TeacherOutputs,
+    device: torch.device,
+    stages: int,
+    checkpoint_dir: str | Path | None,
+    handlers: Sequence[Any],
+) -> RecoveryTrainer:
+    """A recovery trainer of ``stages`` epochs, resumable from ``checkpoint_dir`` when given."""
+    every = max(1, config.steps // 4)
+    resume = [TrainingCheckpoint(checkpoint_dir, every_iterations=every)] if checkpoint_dir is not None else []
+    return RecoveryTrainer(
+        device=device,
+        max_epochs=stages,
+        train_data_loader=recovery_loader(samples, config.steps, config.batch_size, config.seed),
+        network=model,
+        optimizer=adamw_factory(config),
+        teacher=teacher,
+        loss_weights=config.loss,
+        epoch_length=max(1, config.steps),
+        amp=config.amp,
+        train_handlers=[*resume, *handlers],
+        skip_updates=config.steps == 0,
+    )
+
+
 def recover(
     model: nn.Module,
     teacher: TeacherOutputs,
@@ -76,21 +104,7 @@ def recover(
         return {"steps": 0, "losses": []}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    handlers = (
-        [TrainingCheckpoint(checkpoint_dir, every_iterations=max(1, config.steps // 4))] if checkpoint_dir else []
-    )
-    trainer = RecoveryTrainer(
-        device=device,
-        max_epochs=1,
-        train_data_loader=recovery_loader(samples, config.steps, config.batch_size, config.seed),
-        network=model,
-        optimizer=adamw_factory(config),
-        teacher=teacher,
-        loss_weights=config.loss,
-        epoch_length=config.steps,
-        amp=config.amp,
-        train_handlers=handlers,
-    )
+    trainer = _recovery_trainer(model, samples, config, teacher, device, 1, checkpoint_dir, [])
     _progress(trainer, progress, description)
     trainer.run()
     return {"steps": config.steps, "losses": trainer.losses.get(1, [])}
@@ -131,23 +145,8 @@ def run_cascade(
     recovery = config.recovery
     teacher = TeacherOutputs(model, cache=config.teacher_cache).precompute(pooled, device)
     pruning = PruningHandler(config, calibration, reference_model, precomputed, progress, on_stage)
-    every = max(1, recovery.steps // 4)
-    handlers: list[Any] = (
-        [TrainingCheckpoint(Path(output_dir) / "recovery", every_iterations=every)] if output_dir else []
-    )
-    trainer = RecoveryTrainer(
-        device=device,
-        max_epochs=2,
-        train_data_loader=recovery_loader(pooled, recovery.steps, recovery.batch_size, recovery.seed),
-        network=model,
-        optimizer=adamw_factory(recovery),
-        teacher=teacher,
-        loss_weights=recovery.loss,
-        epoch_length=max(1, recovery.steps),
-        amp=recovery.amp,
-        train_handlers=[*handlers, pruning],
-        skip_updates=recovery.steps == 0,
-    )
+    folder = Path(output_dir) / "recovery" if output_dir else None
+    trainer = _recovery_trainer(model, pooled, recovery, teacher, device, 2, folder, [pruning])
     _progress(trainer, progress, "recovery")
     _tensorboard(trainer, tensorboard_dir)
     trainer.run()

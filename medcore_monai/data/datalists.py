@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
-from .sources import NIFTI_SUFFIXES, datalist_items, folder_pairs
+from .sources import NIFTI_SUFFIXES, datalist_items, folder_pairs, load_volume
 from .splits import SPLIT_NAMES, SplitManifest, apply_split, make_splits
 
 __all__ = ["SplitDatalists", "all_items", "calibration_groups", "dataset_name", "foreground_slices", "pooled"]
@@ -41,16 +41,7 @@ def _is_volume(path: Any) -> bool:
 
 def foreground_slices(label_path: str | Path, axis: int = 2, label_value: int | None = None) -> list[int]:
     """Indices of the slices along ``axis`` of a label volume that hold foreground (the label policy's rule)."""
-    import nibabel as nib
-
-    try:
-        label = np.asanyarray(nib.load(str(label_path)).dataobj)
-    except Exception as error:  # nibabel raises several types for corrupt or non-NIfTI files
-        raise DataError(f"cannot read label volume {label_path}: {error}") from error
-    if label.ndim == 4 and label.shape[-1] == 1:
-        label = label[..., 0]
-    if label.ndim != 3:
-        raise DataError(f"expected a 3-D label volume in {label_path}, got shape {label.shape}")
+    label, _ = load_volume(label_path, as_label=True)
     labels = np.rint(label).astype(np.int64)
     foreground = labels == label_value if label_value is not None else labels != 0
     counts = foreground.sum(axis=tuple(a for a in range(3) if a != axis))

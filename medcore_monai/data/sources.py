@@ -24,6 +24,7 @@ __all__ = [
     "drop_empty_masks",
     "folder_pairs",
     "has_foreground",
+    "load_volume",
     "nifti_slices",
     "normalise_intensity",
     "sample_stem",
@@ -255,7 +256,8 @@ def datalist_items(
 # --------------------------------------------------------------------------- NIfTI volumes
 
 
-def _load_volume(path: str | Path, as_label: bool) -> tuple[np.ndarray, tuple[float, ...]]:
+def load_volume(path: str | Path, as_label: bool) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A 3-D NIfTI volume (labels as stored, images as float32) and its voxel spacing; ``DataError`` names bad files."""
     import nibabel as nib
 
     try:
@@ -378,8 +380,8 @@ def nifti_slices(
         raise ValueError(f"intensity must be one of {_INTENSITY_MODES}, got {intensity!r}")
     slices: list[dict[str, Any]] = []
     for item in items:
-        image, spacing = _load_volume(item["image"], as_label=False)
-        label, _ = _load_volume(item["label"], as_label=True)
+        image, spacing = load_volume(item["image"], as_label=False)
+        label, _ = load_volume(item["label"], as_label=True)
         if image.shape != label.shape:
             raise DataError(
                 f"Image {item['image']} has shape {image.shape} but label {item['label']} has shape {label.shape}"
