@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from monai.data import DataLoader
 
-from medcore_monai.data.datasets import DatasetSpec, SplitData, prepare_splits, preprocess_split
 from medcore_monai.engines.evaluation import evaluate_model, summarise
 from medcore_monai.networks import MedSAM, load_sam
 from medcore_monai.prune import PruneSettings, calibration_samples
+from medcore_monai.transforms.samples import DatasetSpec, SplitData, prepare_splits, preprocess_split
 
 SEED = 42
 

@@ -35,7 +35,6 @@ from common import evaluate_summary, kvasir_setup, write_results
 from monai.data import DataLoader
 
 from medcore_monai.cascade import run_cascade
-from medcore_monai.data.datasets import preprocess_split
 from medcore_monai.engines.evaluation import degraded
 from medcore_monai.engines.finetune import finetune
 from medcore_monai.engines.measure import model_cost
@@ -43,6 +42,7 @@ from medcore_monai.networks import MedSAM, RobustMaskDecoder, RobustMedSAM
 from medcore_monai.pruning.cascade import CascadeConfig, RecoveryConfig
 from medcore_monai.transforms import CORRUPTIONS, SEVERITIES, medsam_preprocess
 from medcore_monai.transforms.corruptions import corrupted_once, with_random_corruption
+from medcore_monai.transforms.samples import preprocess_split
 
 
 def _with_robust_decoder(model: MedSAM) -> RobustMedSAM:

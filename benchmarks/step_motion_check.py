@@ -127,7 +127,7 @@ def synthetic_plane(size: int = 256, seed: int = 0) -> np.ndarray:
 
 def hippocampus_samples(size: int, max_slices: int) -> list[dict]:
     """Preprocessed slices of the embedded CC BY-SA sample, as the evaluate workflow builds them."""
-    from medcore_monai.data.datasets import dataset_specs, load_items, preprocess_split
+    from medcore_monai.transforms.samples import dataset_specs, load_items, preprocess_split
 
     items = load_items(dataset_specs([str(SAMPLE)], None, None)[0])[:max_slices]
     return list(preprocess_split(items, size, 5, 42, None))

@@ -10,29 +10,16 @@ the one clear message it carries.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLE_DIR", "install_short_errors", "root_cause", "run_workflow"]
+from .errors import root_cause
+
+__all__ = ["BUNDLE_DIR", "run_workflow"]
 
 #: The bundle shipped with the project (present in a source checkout; a wheel carries only the package).
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundle"
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The project's own error at the bottom of MONAI's wrapping, else ``error`` itself."""
-    from .config import ConfigError
-    from .data.errors import DataError
-    from .networks import CheckpointError
-
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, (ConfigError, DataError, CheckpointError)):
-            return cause
-        cause = cause.__cause__
-    return error
 
 
 def run_workflow(
@@ -72,25 +59,3 @@ def run_workflow(
             raise
         raise cause from None
     return result
-
-
-def _short_excepthook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
-    import logging
-    import os
-
-    cause = root_cause(error)
-    if (cause is error and not isinstance(error, ValueError)) or os.environ.get("MEDCORE_DEBUG"):
-        sys.__excepthook__(kind, error, trace)
-        return
-    logging.getLogger("medcore_monai").debug("full traceback", exc_info=(kind, error, trace))
-    print(f"error: {cause}\n(set MEDCORE_DEBUG=1 for the full traceback)", file=sys.stderr, flush=True)
-
-
-def install_short_errors() -> None:
-    """Print the project's own errors as one clear message without a traceback (``MEDCORE_DEBUG=1`` shows it).
-
-    The bundle's ``initialize`` sections call this (through :func:`medcore_monai.config.check_bundle_keys`), so
-    a user who gives a missing file or a misspelt key reads one sentence, and the exit code stays non-zero. Other
-    exceptions keep Python's usual report.
-    """
-    sys.excepthook = _short_excepthook

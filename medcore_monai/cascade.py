@@ -45,7 +45,7 @@ def _progress(trainer: RecoveryTrainer, enabled: bool, description: str) -> None
 def _tensorboard(trainer: RecoveryTrainer, log_dir: str | Path | None) -> None:
     if log_dir is None:
         return
-    from .handlers.tensorboard import attach_tensorboard
+    from .engines.tensorboard import attach_tensorboard
 
     def terms(output: Mapping[str, Any]) -> dict[str, float]:
         return {"loss": output[Keys.LOSS]} | {k[5:]: v for k, v in output.items() if k.startswith("loss_")}

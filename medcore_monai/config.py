@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError, install_short_errors
+
 __all__ = [
     "ConfigError",
     "bundle_defaults",
@@ -41,10 +43,6 @@ __all__ = [
 _RESERVED = {"_meta_", "_requires_"}
 _EXPRESSION_PREFIXES = ("$", "@", "%")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
-
-
-class ConfigError(ValueError):
-    """A bundle setting is unknown or has a value of the wrong type."""
 
 
 def _read(path: Path) -> Mapping[str, Any]:
@@ -162,8 +160,6 @@ def check_bundle_keys(workflow: Any | None = None) -> dict[str, Any]:
     Raises:
         ConfigError: for unknown keys or values of the wrong type.
     """
-    from .bundle import install_short_errors
-
     install_short_errors()
     workflow = workflow or _active_workflow()
     if workflow is None:

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .data.datasets import SplitData, preprocess_split
 from .losses.recovery import RecoveryLossWeights
 from .networks import MedSAM
 from .pruning.cascade import CascadeConfig, RecoveryConfig
+from .transforms.samples import SplitData, preprocess_split
 
 __all__ = ["PruneSettings", "calibration_samples", "run_prune"]
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from .data.datasets import (
-    dataset_specs,
-    prepare_splits,
-)
 from .engines.common import input_problems, raise_problems
 from .files import write_json_atomic
 from .networks import MedSAM, as_medsam, load_sam, read_checkpoint, save_sam
 from .networks.build import file_sha256
 from .prune import PruneSettings
+from .transforms.samples import (
+    dataset_specs,
+    prepare_splits,
+)
 
 __all__ = ["export", "fuse", "leverage"]
 

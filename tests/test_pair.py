@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from medcore_monai.data.synthetic import natural_scene, synthetic_batch, synthetic_scene
 from medcore_monai.engines import pair
 from medcore_monai.engines.pair import (
     SampleBank,
@@ -22,6 +21,7 @@ from medcore_monai.engines.pair import (
     warmup_cosine_factor,
 )
 from medcore_monai.networks import MedSAM, load_sam, read_checkpoint
+from medcore_monai.transforms.synthetic import natural_scene, synthetic_batch, synthetic_scene
 
 SIZE = 256
 

@@ -46,12 +46,12 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from ..files import write_json_atomic
-from ..handlers.tensorboard import attach_tensorboard
 from ..losses import soft_dice_loss
 from ..networks import MedSAM, load_state_dict_strict, read_checkpoint, read_model_state, save_sam
 from ..networks.checkpoint import atomic_torch_save
 from .common import prepare_medsam_batch, preserved_requires_grad
 from .distributed import data_parallel, is_main_process, synchronise
+from .tensorboard import attach_tensorboard
 
 __all__ = [
     "BEST_CHECKPOINT",

@@ -5,7 +5,7 @@ by parameter. Real SAM / MedSAM ViT-B weights are not always at hand, so this mo
 from scratch with the ``tiny`` preset (same classes as ViT-B, 256 px input):
 
 1. ``sam-tiny``: the whole model trained for box-prompted segmentation of general, non-medical images
-   (:mod:`medcore_monai.data.synthetic`), with SAM's ImageNet pixel normalisation;
+   (:mod:`medcore_monai.transforms.synthetic`), with SAM's ImageNet pixel normalisation;
 2. ``medsam-tiny``: ``sam-tiny`` fine-tuned on the Kvasir-SEG training split with MedSAM's recipe: [0, 1]
    inputs without SAM's normalisation, box prompts jittered by 0-5 px, Dice + BCE on the low-resolution
    logits, image encoder and mask decoder trained, prompt encoder frozen.
@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.datasets import dataset_specs, prepare_splits, preprocess_split
-from ..data.synthetic import synthetic_scene
 from ..files import atomic_torch_save, write_json_atomic
 from ..networks import MedSAM, build_sam, count_parameters, file_sha256, load_sam
 from ..transforms.medsam import box_from_mask
+from ..transforms.samples import dataset_specs, prepare_splits, preprocess_split
+from ..transforms.synthetic import synthetic_scene
 from .common import plain_tensor
 from .evaluation import evaluate_model, summarise
 from .finetune import finetune_loss

@@ -1,5 +1,6 @@
 """Ignite handlers of medcore_monai (usable as ``_target_`` in MONAI bundle configs)."""
 
+from medcore_monai.engines.tensorboard import attach_tensorboard  # re-exported: a handler helper
 from medcore_monai.handlers.boundary import HD95, BoundaryF1
 from medcore_monai.handlers.checkpointing import TrainingCheckpoint
 from medcore_monai.handlers.evaluation import DatasetMetrics, EvaluationReport
@@ -8,7 +9,6 @@ from medcore_monai.handlers.predictions import PredictionWriter
 from medcore_monai.handlers.prune_report import PruneReport
 from medcore_monai.handlers.pruning import PruningHandler, StageRecorder
 from medcore_monai.handlers.robustness import corruption_grid, corruption_sweep
-from medcore_monai.handlers.tensorboard import attach_tensorboard
 from medcore_monai.handlers.training import GradientClipping, bind_early_stopping
 
 __all__ = [

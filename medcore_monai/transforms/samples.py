@@ -1,4 +1,8 @@
-"""Turning user data roots into preprocessed, split, cached MedSAM samples."""
+"""Data roots -> preprocessed, split, cached model-size MedSAM samples, for code outside the bundle.
+
+The pair training, the benchmarks and the flat ``leverage`` workflow build their samples here; the bundle uses
+:class:`medcore_monai.data.SplitDatalists` with its own transforms in config.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..transforms import medsam_preprocess
-from .cache import build_dataset
-from .errors import DataError
-from .sources import NIFTI_SUFFIXES, datalist_items, folder_pairs, nifti_slices
-from .splits import SplitManifest, apply_split, make_splits
+from ..data.cache import build_dataset
+from ..data.errors import DataError
+from ..data.sources import NIFTI_SUFFIXES, datalist_items, folder_pairs, nifti_slices
+from ..data.splits import SplitManifest, apply_split, make_splits
+from .medsam import medsam_preprocess
 
 __all__ = [
     "DatasetSpec",

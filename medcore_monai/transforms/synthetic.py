@@ -30,7 +30,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk
 from skimage.segmentation import felzenszwalb
 
-from ..transforms.medsam import box_from_mask, min_max_scale
+from ..geometry import box_from_mask, min_max_scale
 
 __all__ = [
     "NATURAL_IMAGES",

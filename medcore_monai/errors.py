@@ -1,0 +1,51 @@
+"""The project's errors a user acts on, and how they are shown: one clear sentence, no traceback.
+
+MONAI wraps every error of a config expression in ``RuntimeError("Failed to evaluate ...")``; :func:`root_cause`
+digs out the project's own error (a :class:`ConfigError`, a ``DataError`` or a ``CheckpointError``), which carries
+the message meant for the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from .data.errors import DataError
+from .networks.checkpoint import CheckpointError
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "install_short_errors", "root_cause"]
+
+
+class ConfigError(ValueError):
+    """A bundle setting is unknown, has a value of the wrong type, or names an input that is not there."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The project's own error at the bottom of MONAI's wrapping, else ``error`` itself."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, (ConfigError, DataError, CheckpointError)):
+            return cause
+        cause = cause.__cause__
+    return error
+
+
+def _short_excepthook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    cause = root_cause(error)
+    if (cause is error and not isinstance(error, ValueError)) or os.environ.get("MEDCORE_DEBUG"):
+        sys.__excepthook__(kind, error, trace)
+        return
+    logging.getLogger("medcore_monai").debug("full traceback", exc_info=(kind, error, trace))
+    print(f"error: {cause}\n(set MEDCORE_DEBUG=1 for the full traceback)", file=sys.stderr, flush=True)
+
+
+def install_short_errors() -> None:
+    """Print the project's own errors as one clear message without a traceback (``MEDCORE_DEBUG=1`` shows it).
+
+    The bundle's ``initialize`` sections call this (through :func:`medcore_monai.config.check_bundle_keys`), so
+    a user who gives a missing file or a misspelt key reads one sentence, and the exit code stays non-zero. Other
+    exceptions keep Python's usual report.
+    """
+    sys.excepthook = _short_excepthook
