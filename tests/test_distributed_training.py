@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ignite.distributed as idist
 import pytest
 import torch
@@ -119,3 +121,42 @@ def test_torchrun_bundle_finetune_on_two_processes(tmp_path):
     assert set(tuned.state_dict()) == set(original.state_dict())
     changed = {k for k, v in original.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])}
     assert changed and all(k.startswith("image_encoder.") for k in changed)
+
+
+@pytest.mark.slow
+def test_torchrun_bundle_prune_on_two_processes(tmp_path):
+    """``torchrun ... -m monai.bundle run prune``: shared calibration (summed Fisher), DDP recovery, one report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from medcore_monai.demo import synthetic_items
+    from medcore_monai.networks import load_sam
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for item in synthetic_items(10, 64, seed=3):
+        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(image).save(data / "images" / f"{item['name']}.png")
+        Image.fromarray(item["label"] * 255).save(data / "masks" / f"{item['name']}.png")
+    out = tmp_path / "prune"
+    configs = f"['{repo / 'bundle' / 'configs' / 'train.yaml'}','{repo / 'bundle' / 'configs' / 'prune.yaml'}']"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+        "-m", "monai.bundle", "run", "prune", "--config_file", configs, "--bundle_root", str(repo / "bundle"),
+        "--data_roots", f"['{data}']", "--output_dir", str(out), "--device", "cpu", "--cal_size", "2",
+        "--recovery_steps", "2", "--progress", "false", "--sam_pixel_normalize", "false",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "world size: 2" in log and log.count("pruned: encoder parameters") == 1  # rank 0 reports
+    report = json.loads((out / "report.json").read_text())
+    assert report["fisher_samples"]["sam"]["used"] == 2  # each process calibrated one image; the sums were added
+    assert report["recovery"]["mlp"]["steps"] == 2
+    assert load_sam(out / "model_pruned.pt").medcore_config.is_compact
