@@ -72,7 +72,11 @@ def _check_run(report, out, head_sparsity, mlp_sparsity):
             assert all(math.isfinite(v) for k, v in per_dataset[stage].items() if k != "units")
     scores = np.load(out / "scores.npz")
     assert scores["head_scores"].shape == (18,) and scores["mlp_scores"].shape == (4608,)
-    assert "Segmentation metrics" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Segmentation metrics" in text and "| Dataset | Stage | n |" in text
+    assert report["evaluation"]["split"] == "test" and f"Evaluated on the {report['evaluation']['split']} split" in text
+    for name, per_dataset in report["metrics"].items():  # every number says how many images it averages
+        assert name == "macro" or per_dataset["before"]["n"] == report["evaluation"]["n"][name] >= 1
 
 
 def test_prune_run_on_png_folder(checkpoints, png_dataset, tmp_path):
