@@ -86,3 +86,18 @@ def test_an_interrupted_pruning_run_resumes_to_the_uninterrupted_model(inputs, t
     assert resumed["budgets"] == whole["budgets"] and resumed["kept_heads"] == whole["kept_heads"]
     a, b = _weights(tmp_path / "whole" / "model_pruned.pt"), _weights(tmp_path / "cut" / "model_pruned.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unreadable_mask_gives_one_error_naming_the_file(inputs, tmp_path):
+    from medcore_monai.data import DataError
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for image in sorted((inputs / "data" / "images").iterdir()):
+        (data / "images" / image.name).write_bytes(image.read_bytes())
+        mask = (inputs / "data" / "masks" / image.name).read_bytes()
+        (data / "masks" / f"{image.stem}.jpg").write_bytes(mask[: len(mask) // 2])  # truncated: a broken download
+    with pytest.raises(DataError, match=r"Cannot read image .*masks/synthetic_\d+\.jpg"):
+        _prune(inputs, tmp_path / "out", data_roots=[str(data)])
+    assert not (tmp_path / "out" / "report.json").exists()

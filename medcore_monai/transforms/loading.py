@@ -1,0 +1,62 @@
+"""MONAI's ``LoadImaged`` with one clear error per unreadable file.
+
+When a file cannot be read, ``LoadImaged`` tries every other registered reader and raises one ``RuntimeError``
+listing all of their failures (nibabel's, numpy's, ...), which buries the reason. :class:`ReadImaged` loads the
+same way and, on failure, raises a :class:`~medcore_monai.data.errors.DataError` naming the file and what is wrong
+with it, read with the reader that owns its format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+from monai.transforms import LoadImaged
+
+from ..data.errors import DataError
+from ..data.io import IMAGE_SUFFIXES_2D, read_image_2d
+from ..data.readers import Image2DReader
+
+__all__ = ["ReadImaged"]
+
+
+def _reason(path: str) -> str | None:
+    """Why ``path`` cannot be read by the reader of its format, or ``None`` when it can."""
+    if not Path(path).is_file():
+        return f"file not found: {path}"
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES_2D:
+        try:
+            read_image_2d(path)
+        except DataError as error:
+            return str(error)
+        return None
+    try:
+        import nibabel as nib
+
+        nib.load(path).get_fdata()
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for bad files
+        return f"cannot read {path}: {error}"
+    return None
+
+
+class ReadImaged(LoadImaged):
+    """``LoadImaged`` (2-D files through :class:`Image2DReader`, volumes through nibabel) with clear errors.
+
+    Accepts ``LoadImaged``'s arguments; ``reader`` defaults to :class:`Image2DReader`.
+    """
+
+    def __init__(self, keys: Any, reader: Any = None, **kwargs: Any) -> None:
+        super().__init__(keys, reader=reader if reader is not None else Image2DReader(), **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        """Load every key; an unreadable file raises one ``DataError`` that names it."""
+        try:
+            return super().__call__(data, reader)
+        except (RuntimeError, OSError, ValueError) as error:
+            for key in self.key_iterator(dict(data)):
+                value = data[key]
+                reason = _reason(str(value)) if isinstance(value, (str, Path)) else None
+                if reason is not None:
+                    raise DataError(reason) from None
+            raise error
