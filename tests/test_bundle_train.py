@@ -209,12 +209,18 @@ def test_ct_preset_windows_hounsfield_units_and_cuts_slices(tmp_path):
 
 def test_prune_overlay_has_every_monai_train_property_and_its_settings_reach_the_components():
     workflow = _workflow(
-        ["train.yaml", "prune.yaml"], workflow_type="train", continuation="true", recovery_lr=3e-4, protected_blocks=[5]
+        ["train.yaml", "prune.yaml"],
+        workflow_type="train",
+        continuation="true",
+        recovery_lr=3e-4,
+        protected_blocks=[5],
+        boundary_fisher_weight=5.0,
     )
     workflow.initialize()
     assert not workflow.check_properties()
     cascade = workflow.parser.get_parsed_content("cascade")
     assert cascade.continuation is True and cascade.protected_blocks == (5,) and cascade.recovery.lr == 3e-4
+    assert workflow.parser.get_parsed_content("calibration#fisher").boundary_weight == 5.0  # the calibration engine
     optimizer = workflow.parser.get_parsed_content("optimizer")  # a factory: rebuilt after every slimming
     assert optimizer([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 3e-4
 

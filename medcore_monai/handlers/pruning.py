@@ -22,6 +22,7 @@ from torch import nn
 from ..engines.distributed import data_parallel
 from ..engines.measure import model_cost
 from ..pruning.cascade import CascadeConfig, CascadeState, initial_scores
+from ..pruning.fisher import FisherCalibration
 from .checkpointing import register_state, resumed_state
 from .evaluation import DatasetMetrics
 
@@ -49,6 +50,7 @@ class PruningHandler:
         precomputed: ``(scores, details, sensitivity)`` from an earlier scoring of the same model and data.
         progress: progress bars during calibration.
         on_stage: called as ``on_stage(stage, model)`` when a stage's epoch completes.
+        calibrator: the Fisher calibration component (default: built from the cascade's settings).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class PruningHandler:
         precomputed: tuple | None = None,
         progress: bool = True,
         on_stage: Callable[[str, nn.Module], None] | None = None,
+        calibrator: FisherCalibration | None = None,
     ) -> None:
         if precomputed is not None and cascade.recompute_mlp_scores:
             raise ValueError("precomputed scores cannot be combined with recompute_mlp_scores")
@@ -66,6 +69,7 @@ class PruningHandler:
             raise ValueError(f"score {cascade.score!r} needs the general SAM the model came from (sam_ckpt)")
         self.cascade, self.calibration, self.reference = cascade, dict(calibration), reference
         self.precomputed, self.progress, self.on_stage = precomputed, progress, on_stage
+        self.calibrator = calibrator
         self.state: CascadeState | None = None
         self.scores = self.details = self.sensitivity = None
         self.fisher_sam = self.sam_weights = None

@@ -11,7 +11,14 @@ from .budget import (
     select_removals,
 )
 from .cascade import CascadeConfig, CascadeResult, CascadeState, RecoveryConfig, score_model, score_model_methods
-from .fisher import FisherAccumulator, FisherResult, compute_fisher, create_fisher_engine, cross_fisher
+from .fisher import (
+    FisherAccumulator,
+    FisherCalibration,
+    FisherResult,
+    compute_fisher,
+    create_fisher_engine,
+    cross_fisher,
+)
 from .scores import (
     SCORE_METHODS,
     GroupScores,
@@ -35,6 +42,7 @@ __all__ = [
     "BudgetReport",
     "BudgetShortfallWarning",
     "FisherAccumulator",
+    "FisherCalibration",
     "FisherResult",
     "GroupScores",
     "aggregate_datasets",

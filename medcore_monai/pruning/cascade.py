@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..losses.recovery import RecoveryLossWeights
 from ..networks.structure import StructuredMasks, attach_masks, encoder_structure, kept_indices, slim_encoder_
 from .budget import BudgetReport, block_sensitivity, plan_masks
-from .fisher import FisherResult, compute_fisher, cross_fisher, shard_for_process
+from .fisher import FisherCalibration, FisherResult, cross_fisher
 from .scores import (
     SCORE_METHODS,
     GroupScores,
@@ -196,10 +195,6 @@ def score_groups(
     return aggregate_datasets(per_dataset, pi_t.tolist(), beta, spread), details
 
 
-def _loader(samples: Sequence[Mapping[str, Any]]) -> DataLoader:
-    return DataLoader(shard_for_process(list(samples)), batch_size=1, shuffle=False)
-
-
 class CascadeState:
     """State of one cascade: the model, its masks or slimmed structure, and the calibration data.
 
@@ -211,15 +206,30 @@ class CascadeState:
         device: where calibration runs.
         progress: progress bars.
         methods: every score method this calibration must serve (default: ``config.score``).
+        calibrator: the Fisher calibration (default: one from ``config.boundary_fisher_weight`` and
+            ``config.fisher_reduction``).
     """
 
-    def __init__(self, model, reference_model, calibration, config: CascadeConfig, device, progress=True, methods=None):
+    def __init__(
+        self,
+        model,
+        reference_model,
+        calibration,
+        config: CascadeConfig,
+        device,
+        progress=True,
+        methods=None,
+        calibrator: FisherCalibration | None = None,
+    ):
         self.methods = set(methods or [config.score])  # which score methods this calibration must serve
         if not calibration or any(len(samples) == 0 for samples in calibration.values()):
             raise ValueError("every calibration dataset needs at least one sample")
         self.model, self.reference_model = model, reference_model
         self.calibration = dict(calibration)
         self.config, self.device, self.progress = config, torch.device(device), progress
+        self.calibrator = calibrator or FisherCalibration(
+            config.boundary_fisher_weight, config.fisher_reduction, progress
+        )
         self.pooled = [s for samples in self.calibration.values() for s in samples]
         self.masks = StructuredMasks.full(encoder_structure(model.image_encoder))
         self.hooks = None
@@ -240,15 +250,8 @@ class CascadeState:
         """Boundary-aware Fisher of the current model, one calibration per dataset (counts under ``tag``)."""
         results = []
         for name, samples in self.calibration.items():
-            result = compute_fisher(
-                self.model,
-                _loader(samples),
-                self.device,
-                self.config.boundary_fisher_weight,
-                self.config.fisher_reduction,
-                group_taylor="taylor" in self.methods,
-                progress=self.progress,
-                description=f"Fisher {name}",
+            result = self.calibrator(
+                self.model, samples, self.device, group_taylor="taylor" in self.methods, description=f"Fisher {name}"
             )
             self.fisher_counts[f"{tag}:{name}"] = {"used": result.used, "skipped": result.skipped}
             results.append(result)
@@ -261,15 +264,7 @@ class CascadeState:
         if self.reference_model is None:
             raise ValueError(f"score {self.config.score!r} needs a SAM reference checkpoint (sam_ckpt)")
         self.reference_model.to(self.device)
-        result = compute_fisher(
-            self.reference_model,
-            _loader(self.pooled),
-            self.device,
-            self.config.boundary_fisher_weight,
-            self.config.fisher_reduction,
-            progress=self.progress,
-            description="Fisher SAM",
-        )
+        result = self.calibrator(self.reference_model, self.pooled, self.device, description="Fisher SAM")
         self.fisher_counts["sam"] = {"used": result.used, "skipped": result.skipped}
         weights = _encoder_weights(self.reference_model)
         self.reference_model.to("cpu")

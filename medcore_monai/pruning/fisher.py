@@ -17,6 +17,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, EventEnum, Events
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..losses import boundary_weighted_bce_dice
 from ..networks.structure import encoder_structure, group_sums
@@ -24,6 +25,7 @@ from ..tensors import plain_tensor, preserved_requires_grad
 
 __all__ = [
     "FisherAccumulator",
+    "FisherCalibration",
     "FisherEvents",
     "FisherResult",
     "compute_fisher",
@@ -271,3 +273,36 @@ def cross_fisher(
         name: torch.sqrt(fm * fisher_sam[name].to(fm.device) + eps) if name in fisher_sam else torch.sqrt(fm * 0 + eps)
         for name, fm in fisher_medsam.items()
     }
+
+
+@dataclass
+class FisherCalibration:
+    """The cascade's calibration as one config component: boundary-aware Fisher of a model on samples.
+
+    ``PruningHandler`` runs it (per dataset, then on the SAM reference) the way ``ValidationHandler`` runs an
+    evaluator: each call builds the Ignite engine of :func:`create_fisher_engine` with a :class:`FisherAccumulator`.
+    Under several processes each one calibrates its share of the samples and the sums are added.
+
+    Attributes:
+        boundary_weight: lambda_B of the boundary-weighted calibration loss.
+        reduction: loss reduction over pixels (``mean``; ``sum`` as in the reference code).
+        progress: progress bars.
+    """
+
+    boundary_weight: float = 3.0
+    reduction: str = "mean"
+    progress: bool = True
+
+    def __call__(
+        self,
+        model: nn.Module,
+        samples: Iterable[Mapping[str, torch.Tensor]],
+        device: torch.device | str | None = None,
+        group_taylor: bool = False,
+        description: str = "Fisher",
+    ) -> FisherResult:
+        """Fisher of ``model.image_encoder`` over this process's share of ``samples`` (batch 1)."""
+        loader = DataLoader(shard_for_process(list(samples)), batch_size=1, shuffle=False)
+        return compute_fisher(
+            model, loader, device, self.boundary_weight, self.reduction, group_taylor, self.progress, description
+        )
