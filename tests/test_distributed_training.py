@@ -160,3 +160,37 @@ def test_torchrun_bundle_prune_on_two_processes(tmp_path):
     assert report["fisher_samples"]["sam"]["used"] == 2  # each process calibrated one image; the sums were added
     assert report["recovery"]["mlp"]["steps"] == 2
     assert load_sam(out / "model_pruned.pt").medcore_config.is_compact
+
+
+@pytest.mark.slow
+def test_torchrun_train_with_the_multi_gpu_overlay(tmp_path):
+    """``torchrun ... run --config_file "['train.yaml','multi_gpu_train.yaml']"`` with a device given as a string."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from medcore_monai.demo import synthetic_items
+    from medcore_monai.networks import load_sam
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for item in synthetic_items(10, 64, seed=4):
+        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(image).save(data / "images" / f"{item['name']}.png")
+        Image.fromarray(item["label"] * 255).save(data / "masks" / f"{item['name']}.png")
+    configs = repo / "bundle" / "configs"
+    files = f"['{configs / 'train.yaml'}','{configs / 'multi_gpu_train.yaml'}']"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+        "-m", "monai.bundle", "run", "--config_file", files,
+        "--bundle_root", str(repo / "bundle"), "--data_roots", f"['{data}']", "--ckpt_dir", str(tmp_path / "models"),
+        "--device", "cpu", "--epochs", "1", "--batch_size", "2", "--progress", "false",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_sam(tmp_path / "models" / "model.pt") is not None  # written once, by rank 0
