@@ -208,3 +208,18 @@ def test_a_preset_typo_fails_before_any_work(png_dataset, tmp_path):
         error = error.__cause__
     assert "unknown key 'head_sparsty' (did you mean head_sparsity" in str(error)
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_counts_empty_masks(checkpoints, tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for item in synthetic_items(3, 64, seed=9):
+        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"{item['name']}.png")
+        Image.fromarray(item["label"] * 0).save(root / "masks" / f"{item['name']}.png")  # nothing to segment
+    out = tmp_path / "run"
+    common = {"data_roots": [str(root)], "device": "cpu", "progress": False, "latency": False, "eval_split": "all"}
+    _run("evaluate", common | {"checkpoint": str(checkpoints / "medsam_tiny.pth"), "output_dir": str(out)})
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["metrics"]["data"]["empty_masks"] == 3 and evaluation["metrics"]["data"]["n"] == 3

@@ -35,10 +35,13 @@ def metric_key(name: str) -> str:
     return name[len("val_") :] if name.startswith("val_") else name
 
 
+_COUNTS = ("n", "units", "empty_masks")
+
+
 def macro_average(per_dataset: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Unweighted mean over datasets of every metric they all have (``n`` and ``units`` excluded)."""
+    """Unweighted mean over datasets of every metric they all have (counts and units excluded)."""
     rows = list(per_dataset.values())
-    keys = [k for k in rows[0] if k not in ("n", "units") and all(k in r for r in rows)]
+    keys = [k for k in rows[0] if k not in _COUNTS and all(k in r for r in rows)]
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
@@ -60,6 +63,7 @@ class DatasetMetrics:
     def __init__(self) -> None:
         self.items: list[tuple[str, str, bool]] = []
         self.results: dict[str, dict[str, Any]] = {}
+        self.empty: dict[str, int] = {}
 
     def attach(self, engine: Engine) -> None:
         """Reset at start, record items per iteration, summarise when the run completes."""
@@ -68,11 +72,18 @@ class DatasetMetrics:
         engine.add_event_handler(Events.COMPLETED, self._summarise)
 
     def _reset(self, _: Engine) -> None:
-        self.items, self.results = [], {}
+        self.items, self.results, self.empty = [], {}, {}
 
     def _record(self, engine: Engine) -> None:
         batch = engine.state.batch
-        self.items += [_item_info(item) for item in (batch if isinstance(batch, list) else [batch])]
+        items = batch if isinstance(batch, list) else [batch]
+        self.items += [_item_info(item) for item in items]
+        for item, (dataset, name, _) in zip(items, self.items[-len(items) :]):
+            label = item.get("label")
+            if isinstance(label, torch.Tensor) and not bool((label > 0).any()):
+                # a policy, not an error: scored (both-empty is a match), warned about, counted in the report
+                logger.warning("%s: the mask of %s is empty; its box prompt is the whole image", dataset, name)
+                self.empty[dataset] = self.empty.get(dataset, 0) + 1
 
     def _summarise(self, engine: Engine) -> None:
         details = getattr(engine.state, "metric_details", {}) or {}
@@ -81,6 +92,7 @@ class DatasetMetrics:
             rows = [i for i, (d, _, _) in enumerate(self.items) if d == dataset]
             volumes = {self.items[i][2] for i in rows}
             summary: dict[str, Any] = {"n": len(rows), "units": "mm, per volume" if volumes == {True} else "pixels"}
+            summary["empty_masks"] = self.empty.get(dataset, 0)
             for name, values in details.items():
                 per_item = torch.as_tensor(values).reshape(len(self.items), -1).float().mean(dim=1)
                 chosen = [float(per_item[i]) for i in rows]

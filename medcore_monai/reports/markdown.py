@@ -163,7 +163,9 @@ def _evaluation_section(evaluation: Any) -> list[str]:
         return []
     limit = evaluation.get("max_images")
     truncated = f", at most {limit} per dataset (max_eval_images)" if limit else ""
-    return [f"Evaluated on the {evaluation.get('split', '?')} split{truncated}.", ""]
+    empty = sum((evaluation.get("empty_masks") or {}).values())
+    note = f" {empty} test masks were empty (scored; their box prompt was the whole image)." if empty else ""
+    return [f"Evaluated on the {evaluation.get('split', '?')} split{truncated}.{note}", ""]
 
 
 def _cost_section(cost: Any) -> list[str]:
