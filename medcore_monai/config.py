@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, install_short_errors
+from .logs import install_log_filters
 
 __all__ = [
     "ConfigError",
@@ -161,6 +162,7 @@ def check_bundle_keys(workflow: Any | None = None) -> dict[str, Any]:
         ConfigError: for unknown keys or values of the wrong type.
     """
     install_short_errors()
+    install_log_filters()
     workflow = workflow or _active_workflow()
     if workflow is None:
         return {}
