@@ -95,7 +95,7 @@ def leverage(
         dataset_specs(data_roots, config.dataset_names, config.label_value), seed=config.seed, cal_size=config.cal_size
     )
     calibration = calibration_samples(model, data, config)
-    return run_leverage_analysis(
+    result = run_leverage_analysis(
         model,
         calibration,
         config.cascade_config(),
@@ -105,6 +105,9 @@ def leverage(
         progress=config.progress,
         **grid,
     )
+    images = sum(len(group) for group in calibration.values())
+    logger.info("BLR95 %.3f on %d calibration images; written to %s", result["summary"]["blr95"], images, output_dir)
+    return result
 
 
 def fuse(

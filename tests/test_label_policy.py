@@ -65,3 +65,16 @@ def test_a_grey_level_mask_is_named_in_a_warning(tmp_path, caplog):
 def test_a_non_integer_label_value_is_refused():
     with pytest.raises(ValueError, match="label_value must be an integer"):
         BinarizeLabeld(keys="label", label_value=1.5)
+
+
+def test_ct_values_under_the_mr_rule_are_named_in_a_warning(caplog):
+    from monai.data import MetaTensor
+
+    from medcore_monai.transforms import ClipNonzeroPercentilesd
+
+    volume = MetaTensor(torch.full((1, 4, 4, 4), -1000.0), meta={"filename_or_obj": "ct_case.nii.gz"})
+    volume[0, 1:3, 1:3] = 40.0
+    with caplog.at_level(logging.WARNING):
+        clipped = ClipNonzeroPercentilesd(keys="image")({"image": volume})["image"]
+    assert "ct_case.nii.gz has values down to -1000" in caplog.text and "configs/ct.yaml" in caplog.text
+    assert float(clipped.min()) >= -1000.0  # the MR rule still ran: a documented policy, not an error

@@ -10,6 +10,7 @@ datasets and ``Compose`` handle transforms that return lists, as ``RandCropByPos
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from monai.transforms import Compose, MapTransform, Transform
 __all__ = ["ByDatasetd", "ClipNonzeroPercentilesd", "SplitSlicesd", "slice_name", "volume_name"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# below this an intensity is air in CT (about -1000 HU); MR magnitudes are not negative
+_CT_LIKE_MINIMUM = -500.0
+logger = logging.getLogger(__name__)
 
 
 def volume_name(path: str | Path) -> str:
@@ -64,6 +68,14 @@ class ClipNonzeroPercentilesd(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            if float(values.min()) < _CT_LIKE_MINIMUM:
+                # a policy, not an error: MR clipping still runs, but the user is told what the values look like
+                logger.warning(
+                    "%s has values down to %.0f: that looks like CT in Hounsfield units, not MR; "
+                    "the MR percentile rule is applied (use configs/ct.yaml for a CT window)",
+                    _filename(image),
+                    float(values.min()),
+                )
             nonzero = values[values != 0]
             if nonzero.numel():
                 low, high = np.percentile(nonzero.float().cpu().numpy(), (self.lower, self.upper))
