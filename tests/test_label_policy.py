@@ -78,3 +78,16 @@ def test_ct_values_under_the_mr_rule_are_named_in_a_warning(caplog):
         clipped = ClipNonzeroPercentilesd(keys="image")({"image": volume})["image"]
     assert "ct_case.nii.gz has values down to -1000" in caplog.text and "configs/ct.yaml" in caplog.text
     assert float(clipped.min()) >= -1000.0  # the MR rule still ran: a documented policy, not an error
+
+
+def test_an_image_and_mask_of_different_sizes_fail_naming_both(tmp_path):
+    from medcore_monai.transforms import ReadImaged
+
+    Image.fromarray(np.zeros((20, 24), dtype=np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray(np.zeros((20, 25), dtype=np.uint8)).save(tmp_path / "mask.png")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), dtype=np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 5), dtype=np.uint8), np.eye(4)), tmp_path / "lab.nii.gz")
+    load = ReadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)
+    for image, label in (("image.png", "mask.png"), ("vol.nii.gz", "lab.nii.gz")):
+        with pytest.raises(DataError, match=rf"sizes differ: .*{image} is .*{label} is"):
+            load({"image": str(tmp_path / image), "label": str(tmp_path / label)})

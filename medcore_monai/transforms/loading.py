@@ -50,9 +50,9 @@ class ReadImaged(LoadImaged):
         super().__init__(keys, reader=reader if reader is not None else Image2DReader(), **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
-        """Load every key; an unreadable file raises one ``DataError`` that names it."""
+        """Load every key; an unreadable file, or an image and mask of different sizes, raise one ``DataError``."""
         try:
-            return super().__call__(data, reader)
+            loaded = super().__call__(data, reader)
         except (RuntimeError, OSError, ValueError) as error:
             for key in self.key_iterator(dict(data)):
                 value = data[key]
@@ -60,3 +60,13 @@ class ReadImaged(LoadImaged):
                 if reason is not None:
                     raise DataError(reason) from None
             raise error
+        _check_same_size(loaded, [key for key in self.key_iterator(loaded)], data)
+        return loaded
+
+
+def _check_same_size(loaded: Mapping[Hashable, Any], keys: list[Hashable], sources: Mapping[Hashable, Any]) -> None:
+    """Every loaded key must have the same spatial size (an image and its mask), else one ``DataError``."""
+    shapes = {key: tuple(loaded[key].shape[1:]) for key in keys}
+    if len(set(shapes.values())) > 1:
+        described = ", ".join(f"{sources.get(key, key)} is {shape}" for key, shape in shapes.items())
+        raise DataError(f"image and mask sizes differ: {described}")
