@@ -60,6 +60,28 @@ def synthetic_items(count: int, size: int, seed: int) -> list[dict[str, Any]]:
     return items
 
 
+def write_synthetic_pairs(
+    root: str | Path, count: int, size: int, seed: int, mask_value: int = 255
+) -> list[dict[str, str]]:
+    """Save :func:`synthetic_items` as an image/mask folder (``images/<name>.png``, ``masks/<name>.png``).
+
+    Masks are ``0/mask_value`` PNGs. Returns the ``{"image", "label"}`` path items, in the order written.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    pairs = []
+    for item in synthetic_items(count, size, seed=seed):
+        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
+        image_path, label_path = root / "images" / f"{item['name']}.png", root / "masks" / f"{item['name']}.png"
+        Image.fromarray(image).save(image_path)
+        Image.fromarray((item["label"] * mask_value).astype(np.uint8)).save(label_path)
+        pairs.append({"image": str(image_path), "label": str(label_path)})
+    return pairs
+
+
 def _data(args: argparse.Namespace, size: int) -> tuple[list[dict[str, Any]], str]:
     if args.data_root:
         pairs = folder_pairs(args.data_root)[: args.num_images]

@@ -11,10 +11,9 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from PIL import Image
 
 from medcore_monai.config import ConfigError
-from medcore_monai.demo import synthetic_items
+from medcore_monai.demo import write_synthetic_pairs
 from medcore_monai.networks import StructuredMasks, build_sam, encoder_structure, load_sam, save_sam, slim_encoder_
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,16 +22,7 @@ CONFIGS = REPO / "bundle" / "configs"
 
 def _png_pairs(folder: Path, count: int, seed: int) -> list[dict[str, str]]:
     """MONAI Label's training items: bare {"image", "label"} paths, 0/1 PNG labels."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(exist_ok=True)
-    items = []
-    for item in synthetic_items(count, 64, seed=seed):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        image_path, label_path = folder / "images" / f"{item['name']}.png", folder / "masks" / f"{item['name']}.png"
-        Image.fromarray(image).save(image_path)
-        Image.fromarray(item["label"]).save(label_path)
-        items.append({"image": str(image_path), "label": str(label_path)})
-    return items
+    return write_synthetic_pairs(folder, count, 64, seed=seed, mask_value=1)
 
 
 @pytest.fixture()

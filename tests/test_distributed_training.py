@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import ignite.distributed as idist
 import pytest
 import torch
 
 from medcore_monai.cascade import recover
+from medcore_monai.demo import write_synthetic_pairs
 from medcore_monai.engines.distributed import world_size
 from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs
-from medcore_monai.networks import MedSAM, build_sam
+from medcore_monai.networks import MedSAM, build_sam, load_sam, read_checkpoint
 
 
 def _samples(n=4):
@@ -70,6 +74,23 @@ def test_two_process_recovery_keeps_replicas_identical(tmp_path):
     assert (tmp_path / "ckpt" / "checkpoint_latest.pt").is_file()  # written once, by rank 0
 
 
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+
+def _torchrun_bundle(run_id: str | None, configs: list[str], port: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m monai.bundle run [run_id] --config_file [...] ...`` from the repository."""
+    files = str([str(CONFIGS / name) for name in configs])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        "-m", "monai.bundle", "run", *([run_id] if run_id else []), "--config_file", files,
+        "--bundle_root", str(REPO / "bundle"), "--progress", "false", *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_torchrun_bundle_finetune_on_two_processes(tmp_path):
     """The documented command line: ``torchrun ... -m monai.bundle run finetune`` with multi_gpu_train.yaml.
@@ -77,41 +98,18 @@ def test_torchrun_bundle_finetune_on_two_processes(tmp_path):
     Each process trains on its half of the training images with DDP; only rank 0 writes the best model and the
     training state. Done with SVD adaptation, whose parametrization must exist before DDP wraps the model.
     """
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
-    from medcore_monai.demo import synthetic_items
-    from medcore_monai.networks import load_sam, read_checkpoint
-
-    repo = Path(__file__).resolve().parents[1]
-    configs = repo / "bundle" / "configs"
     data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    for item in synthetic_items(10, 64, seed=3):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(image).save(data / "images" / f"{item['name']}.png")
-        Image.fromarray(item["label"] * 255).save(data / "masks" / f"{item['name']}.png")
+    write_synthetic_pairs(data, 10, 64, seed=3)
     checkpoint = tmp_path / "medsam_tiny.pth"
     torch.save(build_sam("tiny", seed=0).state_dict(), checkpoint)
     out = tmp_path / "ft"
-    files = [configs / "train.yaml", configs / "finetune.yaml", configs / "multi_gpu_train.yaml"]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        "-m", "monai.bundle", "run", "finetune",
-        "--config_file", str([str(f) for f in files]),
-        "--bundle_root", str(repo / "bundle"),
+    result = _torchrun_bundle(
+        "finetune", ["train.yaml", "finetune.yaml", "multi_gpu_train.yaml"], 29517,
         "--checkpoint", str(checkpoint), "--data_roots", f"['{data}']", "--finetune_dir", str(out),
-        "--epochs", "1", "--batch_size", "2", "--progress", "false",
+        "--epochs", "1", "--batch_size", "2",
         "--svd_adaptation", "true", "--trainable_modules", "['image_encoder']", "--lr", "0.01",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=600)
+    )  # fmt: skip
     logs = result.stdout + result.stderr
-    assert result.returncode == 0, logs[-3000:]
     # 6 training images (of 10: 2 validation, 2 test), batches of 2: 3 iterations in one process, 2 in each of two
     assert "Epoch: 1/1, Iter: 2/2" in logs and "Iter: 3/3" not in logs
     assert logs.count("Epoch: 1/1, Iter: 1/2") == 1  # only rank 0 logs
@@ -126,34 +124,14 @@ def test_torchrun_bundle_finetune_on_two_processes(tmp_path):
 @pytest.mark.slow
 def test_torchrun_bundle_prune_on_two_processes(tmp_path):
     """``torchrun ... -m monai.bundle run prune``: shared calibration (summed Fisher), DDP recovery, one report."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
-    from medcore_monai.demo import synthetic_items
-    from medcore_monai.networks import load_sam
-
-    repo = Path(__file__).resolve().parents[1]
     data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    for item in synthetic_items(10, 64, seed=3):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(image).save(data / "images" / f"{item['name']}.png")
-        Image.fromarray(item["label"] * 255).save(data / "masks" / f"{item['name']}.png")
+    write_synthetic_pairs(data, 10, 64, seed=3)
     out = tmp_path / "prune"
-    configs = f"['{repo / 'bundle' / 'configs' / 'train.yaml'}','{repo / 'bundle' / 'configs' / 'prune.yaml'}']"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-        "-m", "monai.bundle", "run", "prune", "--config_file", configs, "--bundle_root", str(repo / "bundle"),
+    result = _torchrun_bundle(
+        "prune", ["train.yaml", "prune.yaml"], 29519,
         "--data_roots", f"['{data}']", "--output_dir", str(out), "--device", "cpu", "--cal_size", "2",
-        "--recovery_steps", "2", "--progress", "false", "--sam_pixel_normalize", "false",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+        "--recovery_steps", "2", "--sam_pixel_normalize", "false",
+    )  # fmt: skip
     log = result.stdout + result.stderr
     assert "world size: 2" in log and log.count("pruned: encoder parameters") == 1  # rank 0 reports
     report = json.loads((out / "report.json").read_text())
@@ -165,32 +143,11 @@ def test_torchrun_bundle_prune_on_two_processes(tmp_path):
 @pytest.mark.slow
 def test_torchrun_train_with_the_multi_gpu_overlay(tmp_path):
     """``torchrun ... run --config_file "['train.yaml','multi_gpu_train.yaml']"`` with a device given as a string."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
-    from medcore_monai.demo import synthetic_items
-    from medcore_monai.networks import load_sam
-
-    repo = Path(__file__).resolve().parents[1]
     data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    for item in synthetic_items(10, 64, seed=4):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(image).save(data / "images" / f"{item['name']}.png")
-        Image.fromarray(item["label"] * 255).save(data / "masks" / f"{item['name']}.png")
-    configs = repo / "bundle" / "configs"
-    files = f"['{configs / 'train.yaml'}','{configs / 'multi_gpu_train.yaml'}']"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
-        "-m", "monai.bundle", "run", "--config_file", files,
-        "--bundle_root", str(repo / "bundle"), "--data_roots", f"['{data}']", "--ckpt_dir", str(tmp_path / "models"),
-        "--device", "cpu", "--epochs", "1", "--batch_size", "2", "--progress", "false",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=repo, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    write_synthetic_pairs(data, 10, 64, seed=4)
+    _torchrun_bundle(
+        None, ["train.yaml", "multi_gpu_train.yaml"], 29521,
+        "--data_roots", f"['{data}']", "--ckpt_dir", str(tmp_path / "models"),
+        "--device", "cpu", "--epochs", "1", "--batch_size", "2",
+    )  # fmt: skip
     assert load_sam(tmp_path / "models" / "model.pt") is not None  # written once, by rank 0

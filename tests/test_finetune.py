@@ -11,10 +11,9 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from PIL import Image
 
 from medcore_monai.config import ConfigError
-from medcore_monai.demo import synthetic_items
+from medcore_monai.demo import write_synthetic_pairs
 from medcore_monai.handlers import GradientClipping
 from medcore_monai.networks import build_sam, load_sam, read_checkpoint, read_model_state, save_sam, slim_block_
 
@@ -30,12 +29,7 @@ class _Crash(RuntimeError):
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pngs")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for item in synthetic_items(8, 64, seed=3):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{item['name']}.png")
-        Image.fromarray(item["label"] * 255).save(root / "masks" / f"{item['name']}.png")
+    write_synthetic_pairs(root, 8, 64, seed=3)
     return root
 
 

@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from medcore_monai.demo import synthetic_items
+from medcore_monai.demo import synthetic_items, write_synthetic_pairs
 from medcore_monai.engines.leverage import run_leverage_analysis
 from medcore_monai.networks import MedSAM, build_sam, count_parameters, encoder_structure, load_sam
 from medcore_monai.prune import run_prune
@@ -28,12 +27,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def png_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("polyps")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for item in synthetic_items(10, 96, seed=3):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{item['name']}.png")
-        Image.fromarray(item["label"] * 255).save(root / "masks" / f"{item['name']}.png")
+    write_synthetic_pairs(root, 10, 96, seed=3)
     return root
 
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
-from PIL import Image
 
-from medcore_monai.demo import synthetic_items
+from medcore_monai.demo import write_synthetic_pairs
 from medcore_monai.engines.robust import CleanDegradedPair, prepare_pair_batch
 from medcore_monai.networks import (
     MedSAM,
@@ -90,12 +89,7 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def png_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("robust_pngs")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for item in synthetic_items(8, 96, seed=11):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{item['name']}.png")
-        Image.fromarray(item["label"] * 255).save(root / "masks" / f"{item['name']}.png")
+    write_synthetic_pairs(root, 8, 96, seed=11)
     return root
 
 

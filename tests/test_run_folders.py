@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from medcore_monai.bundle import run_workflow
 from medcore_monai.config import ConfigError
-from medcore_monai.demo import synthetic_items
+from medcore_monai.demo import write_synthetic_pairs
 from medcore_monai.engines.recovery import RecoveryTrainer
 from medcore_monai.networks import build_sam, load_sam
 
@@ -21,13 +19,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("run_folders")
     torch.save(build_sam("tiny", seed=0).state_dict(), root / "medsam.pth")
     torch.save(build_sam("tiny", seed=1).state_dict(), root / "sam.pth")
-    data = root / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    for item in synthetic_items(8, 64, seed=5):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(image).save(data / "images" / f"{item['name']}.png")
-        Image.fromarray(item["label"] * 255).save(data / "masks" / f"{item['name']}.png")
+    write_synthetic_pairs(root / "data", 8, 64, seed=5)
     return root
 
 
