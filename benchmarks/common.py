@@ -16,8 +16,7 @@ from monai.data import DataLoader
 
 from medcore_monai.engines.evaluation import evaluate_model, summarise
 from medcore_monai.networks import MedSAM, load_sam
-from medcore_monai.prune import PruneSettings, calibration_samples
-from medcore_monai.transforms.samples import DatasetSpec, SplitData, prepare_splits, preprocess_split
+from medcore_monai.transforms.samples import DatasetSpec, SplitData, prepare_splits, preprocess_split, tight_box_samples
 
 SEED = 42
 
@@ -39,7 +38,7 @@ def kvasir_setup(kvasir_root: str, medsam: str, sam: str, cal_size: int, max_tes
     data = prepare_splits([DatasetSpec(kvasir_root, "kvasir")], seed=SEED, cal_size=cal_size)
     model = MedSAM(load_sam(medsam)).to(device)
     reference = MedSAM(load_sam(sam), pixel_normalize=True).to(device)
-    calibration = calibration_samples(model, data, PruneSettings(cal_size=cal_size, progress=False, seed=SEED))
+    calibration = tight_box_samples(data, model.img_size, seed=SEED)
     test_items = data.split("kvasir", "test")[:max_test]
     test_samples = preprocess_split(test_items, model.img_size, bbox_shift=5, seed=SEED)
     return KvasirSetup(data, model, reference, calibration, test_items, test_samples)

@@ -37,6 +37,8 @@ __all__ = [
     "check_prune_inputs",
     "VOLATILE_SETTINGS",
     "fingerprint_differences",
+    "input_problems",
+    "raise_problems",
     "run_fingerprint",
     "settings_snapshot",
 ]
@@ -212,6 +214,28 @@ def _has_component(raw: Any) -> bool:
     return False
 
 
+def input_problems(files: Mapping[str, str | None], data_roots: Any = None) -> list[str]:
+    """What is wrong with a workflow's input files and data roots, every problem at once.
+
+    Args:
+        files: ``{setting name: path}`` of required files; ``None`` paths are not checked.
+        data_roots: dataset folders or datalists (one path or a list); ``None`` when the workflow reads no data.
+    """
+    found = [f"{key} not found: {path}" for key, path in files.items() if path and not Path(str(path)).is_file()]
+    if data_roots is not None:
+        roots = [data_roots] if isinstance(data_roots, str) else list(data_roots)
+        found += ["data_roots is empty"] if not roots else []
+        found += [f"data root not found: {root}" for root in roots if not Path(str(root)).exists()]
+    return found
+
+
+def raise_problems(problems: Iterable[str], action: str | None = None) -> None:
+    """Fail before any work with one :class:`ConfigError` listing every problem (nothing when there are none)."""
+    found = [p for p in problems if p]
+    if found:
+        raise ConfigError(f"cannot start{f' {action}' if action else ''}:\n  " + "\n  ".join(found))
+
+
 def check_inputs(files: Mapping[str, str | None], data_roots: Any = None, problems: Iterable[str] = ()) -> None:
     """Fail before any work with one message listing every missing input file and data root.
 
@@ -223,14 +247,7 @@ def check_inputs(files: Mapping[str, str | None], data_roots: Any = None, proble
     Raises:
         ConfigError: naming every problem.
     """
-    found = [f"{key} not found: {path}" for key, path in files.items() if path and not Path(str(path)).is_file()]
-    if data_roots is not None:
-        roots = [data_roots] if isinstance(data_roots, str) else list(data_roots)
-        found += ["data_roots is empty"] if not roots else []
-        found += [f"data root not found: {root}" for root in roots if not Path(str(root)).exists()]
-    found += [p for p in problems if p]
-    if found:
-        raise ConfigError("cannot start:\n  " + "\n  ".join(found))
+    raise_problems([*input_problems(files, data_roots), *problems])
 
 
 def check_prune_inputs(medsam_ckpt: str | None, sam_ckpt: str | None, score: str, data_roots: Any) -> None:

@@ -1,7 +1,7 @@
-"""Entry points of the bundle's remaining flat-key workflows: export, leverage, fuse.
+"""Entry points of the bundle's remaining flat-key workflows: export and fuse.
 
-``prune``, ``evaluate``, ``infer``, ``finetune`` and ``run`` are overlays on ``train.yaml`` built from config
-components (engines, handlers, transforms); these three are single function calls. Each takes plain keyword
+``prune``, ``evaluate``, ``infer``, ``finetune``, ``leverage`` and ``run`` are overlays on ``train.yaml`` built
+from config components (engines, handlers, transforms); these two are single function calls. Each takes plain keyword
 settings (the bundle's config keys), checks its inputs before doing any work, writes its outputs atomically into
 ``output_dir`` and returns a JSON-safe summary.
 """
@@ -13,19 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .engines.common import input_problems, raise_problems
+from .config import input_problems, raise_problems
 from .files import write_json_atomic
-from .networks import MedSAM, as_medsam, load_sam, read_checkpoint, save_sam
+from .networks import load_sam, read_checkpoint, save_sam
 from .networks.build import file_sha256
-from .prune import PruneSettings
-from .transforms.samples import (
-    dataset_specs,
-    prepare_splits,
-)
 
-__all__ = ["export", "fuse", "leverage"]
+__all__ = ["export", "fuse"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,52 +55,6 @@ def export(
         sam, output / "export_manifest.json", extra={"source": str(checkpoint)}, files=files
     )
     return {"files": [str(f) for f in files], "manifest": str(manifest)}
-
-
-def leverage(
-    medsam_ckpt: str,
-    data_roots: Sequence[str],
-    output_dir: str = "outputs/leverage",
-    sam_ckpt: str | None = None,
-    **settings: Any,
-) -> dict[str, Any]:
-    """Boundary-leverage analysis (BLR95) of a checkpoint on the calibration images of the data roots.
-
-    Accepts the prune settings (``score``, ``cal_size``, ``protected_blocks``, ...) plus ``head_levels``,
-    ``mlp_levels``, ``tau`` and ``n_bootstrap``. Writes ``leverage.json`` and ``leverage_histogram.png``.
-    """
-    from .engines.leverage import run_leverage_analysis
-    from .prune import calibration_samples  # the same calibration selection as pruning
-
-    grid = {k: settings.pop(k) for k in ("head_levels", "mlp_levels", "tau", "n_bootstrap") if k in settings}
-    config = PruneSettings.from_mapping(
-        {"medsam_ckpt": medsam_ckpt, "sam_ckpt": sam_ckpt, "data_roots": list(data_roots), "output_dir": output_dir}
-        | settings
-    )
-    problems = _problems_for_inputs(medsam_ckpt, data_roots)
-    if config.score in ("dual", "reset") and not sam_ckpt:
-        problems.append(f"score {config.score!r} needs sam_ckpt")
-    raise_problems(problems, "leverage analysis")
-    device_t = torch.device(config.device)
-    model = as_medsam(load_sam(medsam_ckpt)).to(device_t)
-    reference = MedSAM(load_sam(sam_ckpt), pixel_normalize=config.sam_pixel_normalize) if sam_ckpt else None
-    data = prepare_splits(
-        dataset_specs(data_roots, config.dataset_names, config.label_value), seed=config.seed, cal_size=config.cal_size
-    )
-    calibration = calibration_samples(model, data, config)
-    result = run_leverage_analysis(
-        model,
-        calibration,
-        config.cascade_config(),
-        reference,
-        device=device_t,
-        output_dir=output_dir,
-        progress=config.progress,
-        **grid,
-    )
-    images = sum(len(group) for group in calibration.values())
-    logger.info("BLR95 %.3f on %d calibration images; written to %s", result["summary"]["blr95"], images, output_dir)
-    return result
 
 
 def fuse(

@@ -14,7 +14,7 @@ import yaml
 from monai.bundle import ConfigWorkflow, verify_metadata
 from PIL import Image
 
-from medcore_monai.demo import synthetic_items
+from medcore_monai.demo import synthetic_items, write_synthetic_pairs
 from medcore_monai.networks import build_sam, load_sam
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +44,8 @@ def png_dataset(tmp_path_factory):
 
 
 def _run(workflow: str, overrides: dict, preset: str | None = None):
-    overlays = ("evaluate", "prune", "infer")  # overlays on train.yaml
-    base = [str(CONFIGS / "train.yaml")] if workflow in overlays else []
+    bases = {"evaluate": ["train"], "prune": ["train"], "infer": ["train"], "leverage": ["train", "prune"]}
+    base = [str(CONFIGS / f"{name}.yaml") for name in bases.get(workflow, [])]  # the overlays' own bases
     files = base + [str(CONFIGS / f"{workflow}.yaml")] + ([str(REPO / "configs" / preset)] if preset else [])
     overrides = {
         "bundle_root": str(REPO / "bundle")
@@ -212,12 +212,7 @@ def test_a_preset_typo_fails_before_any_work(png_dataset, tmp_path):
 
 def test_evaluation_counts_empty_masks(checkpoints, tmp_path):
     root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for item in synthetic_items(3, 64, seed=9):
-        image = (np.clip(np.moveaxis(item["image"], 0, -1), 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"{item['name']}.png")
-        Image.fromarray(item["label"] * 0).save(root / "masks" / f"{item['name']}.png")  # nothing to segment
+    write_synthetic_pairs(root, 3, 64, seed=9, mask_value=0)  # nothing to segment
     out = tmp_path / "run"
     common = {"data_roots": [str(root)], "device": "cpu", "progress": False, "latency": False, "eval_split": "all"}
     _run("evaluate", common | {"checkpoint": str(checkpoints / "medsam_tiny.pth"), "output_dir": str(out)})

@@ -4,7 +4,7 @@ from medcore_monai.engines.tensorboard import attach_tensorboard  # re-exported:
 from medcore_monai.handlers.boundary import HD95, BoundaryF1
 from medcore_monai.handlers.checkpointing import TrainingCheckpoint
 from medcore_monai.handlers.evaluation import DatasetMetrics, EvaluationReport
-from medcore_monai.handlers.leverage import LeverageAnalysis
+from medcore_monai.handlers.leverage import LeverageAnalysis, leverage_report
 from medcore_monai.handlers.predictions import PredictionWriter
 from medcore_monai.handlers.prune_report import PruneReport
 from medcore_monai.handlers.pruning import PruningHandler, StageRecorder
@@ -27,4 +27,5 @@ __all__ = [
     "bind_early_stopping",
     "corruption_grid",
     "corruption_sweep",
+    "leverage_report",
 ]

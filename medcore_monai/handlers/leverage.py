@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ignite.engine import Engine, Events
+from torch import nn
 
 from ..engines.leverage import run_leverage_analysis
+from ..pruning.cascade import CascadeConfig
 from .checkpointing import register_state, resumed_state
 
-__all__ = ["LeverageAnalysis"]
+__all__ = ["LeverageAnalysis", "leverage_report"]
+
+logger = logging.getLogger(__name__)
 
 
 class LeverageAnalysis:
@@ -77,3 +82,31 @@ class LeverageAnalysis:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
         self.result = state["result"]
+
+
+def leverage_report(
+    network: nn.Module,
+    calibration: Mapping[str, Sequence[Mapping]],
+    cascade: CascadeConfig,
+    reference: nn.Module | None,
+    head_levels: Sequence[float],
+    mlp_levels: Sequence[float],
+    tau: float,
+    output_dir: str | Path,
+    progress: bool = True,
+) -> dict:
+    """The bundle's ``leverage`` workflow: score, run the leverage grid, write the report, log a summary."""
+    result = run_leverage_analysis(
+        network,
+        calibration,
+        cascade,
+        reference,
+        head_levels=tuple(head_levels),
+        mlp_levels=tuple(mlp_levels),
+        tau=tau,
+        output_dir=output_dir,
+        progress=progress,
+    )
+    images = sum(len(group) for group in calibration.values())
+    logger.info("BLR95 %.3f on %d calibration images; written to %s", result["summary"]["blr95"], images, output_dir)
+    return result

@@ -25,6 +25,7 @@ __all__ = [
     "load_items",
     "prepare_splits",
     "preprocess_split",
+    "tight_box_samples",
 ]
 
 
@@ -145,3 +146,18 @@ def preprocess_split(
         size=size, bbox_shift=bbox_shift, seed=seed, deterministic=True, label_value=label_value
     )
     return build_dataset(list(items), transform, cache=cache, cache_dir=cache_dir, progress=progress)
+
+
+def tight_box_samples(
+    data: SplitData, size: int, split: str = "calibration", seed: int = 0, label_value: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Preprocessed samples of one split with tight boxes, per dataset, named ``<dataset>/<sample>``.
+
+    The calibration samples of code outside the bundle (benchmarks): the same selection and naming as the
+    bundle's ``calibration#samples``.
+    """
+    out = {}
+    for dataset in data.items:
+        samples = preprocess_split(data.split(dataset, split), size, 0, seed, label_value)
+        out[dataset] = [dict(samples[i]) | {"name": f"{dataset}/{samples[i]['name']}"} for i in range(len(samples))]
+    return out
