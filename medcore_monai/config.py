@@ -168,10 +168,26 @@ def check_bundle_keys(workflow: Any | None = None) -> dict[str, Any]:
     workflow = workflow or _active_workflow()
     if workflow is None:
         return {}
+    _check_run_section(workflow)
     changes = check_config_values(workflow.parser.config, bundle_defaults(workflow.config_root_path))
     for key, value in changes.items():
         workflow.parser[key] = value
     return changes
+
+
+def _check_run_section(workflow: Any) -> None:
+    """The workflow's section must still be a list of steps: a setting of the same name must not replace it.
+
+    ``leverage`` is both a prune setting and the leverage workflow's section; a preset listed after
+    ``leverage.yaml`` that sets ``leverage: true`` would otherwise turn the run into a silent no-op.
+    """
+    run_id = getattr(workflow, "run_id", None)
+    section = workflow.parser.config.get(run_id, [])
+    if not isinstance(section, list):
+        raise ConfigError(
+            f"the workflow section {run_id!r} was replaced by the setting {run_id}: {section!r} (from a preset or "
+            f"the command line); list presets before the workflow's own config file, or drop that setting"
+        )
 
 
 def _json_safe(value: Any) -> bool:

@@ -218,3 +218,21 @@ def test_evaluation_counts_empty_masks(checkpoints, tmp_path):
     _run("evaluate", common | {"checkpoint": str(checkpoints / "medsam_tiny.pth"), "output_dir": str(out)})
     evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert evaluation["metrics"]["data"]["empty_masks"] == 3 and evaluation["metrics"]["data"]["n"] == 3
+
+
+def test_a_preset_that_replaces_the_leverage_section_fails_instead_of_doing_nothing(tmp_path):
+    files = ["train.yaml", "prune.yaml", "leverage.yaml"]
+    base = [str(CONFIGS / name) for name in files]
+    preset = str(REPO / "configs" / "demo.yaml")  # sets the prune setting `leverage: true`
+    wrong = ConfigWorkflow(config_file=[*base, preset], run_id="leverage", workflow_type=None, output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as caught:
+        wrong.initialize()
+    error = caught.value
+    while error.__cause__ is not None:
+        error = error.__cause__
+    assert "workflow section 'leverage' was replaced by the setting leverage: True" in str(error)
+    right = ConfigWorkflow(
+        config_file=[*base[:2], preset, base[2]], run_id="leverage", workflow_type=None, output_dir=str(tmp_path)
+    )
+    right.initialize()  # presets listed before leverage.yaml leave its section in place
+    assert isinstance(right.parser["leverage"], list)
