@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import DataError
 from .sources import NIFTI_SUFFIXES, datalist_items, folder_pairs, load_volume
-from .splits import SPLIT_NAMES, SplitManifest, apply_split, make_splits
+from .splits import SPLIT_NAMES, SplitManifest, apply_split, split_each_dataset
 
 __all__ = ["SplitDatalists", "all_items", "calibration_groups", "dataset_name", "foreground_slices", "pooled"]
 
@@ -100,21 +100,9 @@ class SplitDatalists:
         if self.split_manifest is not None:
             self.manifest = SplitManifest.load(self.split_manifest)
         else:
-            self.manifest = self._draw_split()
-
-    def _draw_split(self) -> SplitManifest:
-        # each dataset is split on its own (its own generator); slices of a volume stay together
-        parts = []
-        for samples in self._samples_by_dataset.values():
-            group = "volume" if samples and "volume" in samples[0] else None
-            parts.append(make_splits(samples, self.seed, self.val_fraction, self.test_fraction, self.cal_size, group))
-        return SplitManifest(
-            seed=self.seed,
-            fractions=parts[0].fractions,
-            cal_size=self.cal_size,
-            splits={tag: lists for part in parts for tag, lists in part.splits.items()},
-            group_key="volume" if any(part.group_key for part in parts) else None,
-        )
+            self.manifest = split_each_dataset(
+                self._samples_by_dataset.values(), self.seed, self.val_fraction, self.test_fraction, self.cal_size
+            )
 
     def _samples(self, name: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Sample-level entries (name, dataset, volume) that the split manifest lists."""

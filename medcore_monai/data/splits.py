@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from medcore_monai.data.errors import DataError
 
 from ..files import write_text_atomic
 
-__all__ = ["SPLIT_NAMES", "SplitManifest", "apply_split", "make_splits"]
+__all__ = ["SPLIT_NAMES", "SplitManifest", "apply_split", "make_splits", "split_each_dataset"]
 
 SPLIT_NAMES = ("train", "val", "test", "calibration")
 _MANIFEST_VERSION = 1
@@ -216,6 +216,36 @@ def make_splits(
     }
     fractions = {"val": val_fraction, "test": test_fraction}
     return SplitManifest(seed=seed, fractions=fractions, cal_size=cal_size, splits=splits, group_key=group_key)
+
+
+def split_each_dataset(
+    datasets: Iterable[Sequence[dict[str, Any]]],
+    seed: int = 42,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    cal_size: int = 128,
+) -> SplitManifest:
+    """One manifest for several datasets, each split by :func:`make_splits` on its own.
+
+    Datasets of volume slices (items with a ``volume`` key) keep each volume's slices in one split; 2-D datasets
+    beside them are split per image, which one :func:`make_splits` call with a single ``group_key`` cannot do.
+    """
+    parts = [
+        make_splits(samples, seed, val_fraction, test_fraction, cal_size, _volume_key(samples)) for samples in datasets
+    ]
+    if not parts:
+        raise DataError("Cannot split an empty list of datasets")
+    return SplitManifest(
+        seed=seed,
+        fractions=parts[0].fractions,
+        cal_size=cal_size,
+        splits={tag: lists for part in parts for tag, lists in part.splits.items()},
+        group_key="volume" if any(part.group_key for part in parts) else None,
+    )
+
+
+def _volume_key(samples: Sequence[dict[str, Any]]) -> str | None:
+    return "volume" if samples and "volume" in samples[0] else None
 
 
 def apply_split(

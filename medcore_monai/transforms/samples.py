@@ -14,14 +14,13 @@ from typing import Any
 from ..data.cache import build_dataset
 from ..data.errors import DataError
 from ..data.sources import NIFTI_SUFFIXES, datalist_items, folder_pairs, nifti_slices
-from ..data.splits import SplitManifest, apply_split, make_splits
+from ..data.splits import SplitManifest, apply_split, split_each_dataset
 from .medsam import medsam_preprocess
 
 __all__ = [
     "DatasetSpec",
     "SplitData",
     "dataset_specs",
-    "is_volumetric",
     "load_items",
     "prepare_splits",
     "preprocess_split",
@@ -77,11 +76,6 @@ def load_items(spec: DatasetSpec) -> list[dict[str, Any]]:
     return items
 
 
-def is_volumetric(items: Sequence[dict[str, Any]]) -> bool:
-    """Whether the items are slices of volumes (split and evaluated per volume)."""
-    return bool(items) and "volume" in items[0]
-
-
 @dataclass
 class SplitData:
     """Items of every dataset and the split manifest that partitions them."""
@@ -109,25 +103,7 @@ def prepare_splits(
     items = {spec.name: load_items(spec) for spec in specs}
     if manifest_path is not None and Path(manifest_path).is_file():
         return SplitData(items, SplitManifest.load(manifest_path))
-    # each dataset is split on its own (its own generator), slices of one volume staying together
-    per_dataset = [
-        make_splits(
-            dataset_items,
-            seed=seed,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            cal_size=cal_size,
-            group_key="volume" if is_volumetric(dataset_items) else None,
-        )
-        for dataset_items in items.values()
-    ]
-    manifest = SplitManifest(
-        seed=seed,
-        fractions=per_dataset[0].fractions,
-        cal_size=cal_size,
-        splits={tag: part for m in per_dataset for tag, part in m.splits.items()},
-        group_key="volume" if any(m.group_key for m in per_dataset) else None,
-    )
+    manifest = split_each_dataset(items.values(), seed, val_fraction, test_fraction, cal_size)
     return SplitData(items, manifest)
 
 
