@@ -88,9 +88,7 @@ def _robustness_rows(name: str, model, test_samples, severities, device, extra: 
         for severity in severities:
             summary = evaluate_summary(model, degraded(test_samples, corruption, severity, seed=42), device)
             degraded_rows[f"{corruption}@{severity}"] = summary
-    by_severity = {
-        str(s): float(np.mean([degraded_rows[f"{c}@{s}"]["dice"] for c in CORRUPTIONS])) for s in severities
-    }
+    by_severity = {str(s): float(np.mean([degraded_rows[f"{c}@{s}"]["dice"] for c in CORRUPTIONS])) for s in severities}
     row = {
         "model": name,
         **model_cost(model),
@@ -191,9 +189,7 @@ def markdown_tables(rows: list[dict]) -> str:
     lines += ["", "| corruption (Dice, mean over severities) | " + " | ".join(r["model"] for r in rows) + " |"]
     lines.append("|" + "---|" * (len(rows) + 1))
     for corruption in CORRUPTIONS:
-        values = [
-            np.mean([v["dice"] for k, v in r["degraded"].items() if k.split("@")[0] == corruption]) for r in rows
-        ]
+        values = [np.mean([v["dice"] for k, v in r["degraded"].items() if k.split("@")[0] == corruption]) for r in rows]
         lines.append(f"| {corruption} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
     return "\n".join(lines)
 

@@ -8,6 +8,9 @@ the metric handlers read the voxel spacing from the labels (3-D metrics in mm fo
 
 The model-size preparation is the bundle's own dictionary transforms (``model_transform``: resize, min-max
 scaling, box from the mask, optionally a corruption), applied to each ``{"image", "label", "name"}`` slice.
+
+:class:`BoxChannelInferer` is the served variant (MONAI Label): the prompt is a box drawn as the input's last channel
+rather than a mask, and the network is a ``BoxChannelMedSAM``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
+from .geometry import min_max_scale, resize_image, resize_mask
 from .transforms.volumes import slice_name
 
-__all__ = ["UNPROMPTED_LOGIT", "BoxPromptInferer", "prepare_prompted_batch"]
+__all__ = ["UNPROMPTED_LOGIT", "BoxChannelInferer", "BoxPromptInferer", "prepare_prompted_batch"]
 
 #: Logit of pixels of slices without a prompt (sigmoid ~ 0): they predict background.
 UNPROMPTED_LOGIT = -100.0
@@ -133,3 +137,65 @@ class BoxPromptInferer(Inferer):
         low_res = network(images, boxes).float()
         size = tuple(slices[0][0].shape[-2:])
         return F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)[:, 0].to(slices[0][0].device)
+
+
+class BoxChannelInferer(Inferer):
+    """Native-resolution inference of inputs whose last channel is a box prompt: 2-D images or volumes.
+
+    This is how the bundle is served (``configs/inference.yaml``, MONAI Label's ``inferer(image[None], network)``).
+    Each 2-D plane ``[C + 1, H, W]`` is brought to the model size the MedSAM way (image channels: bicubic,
+    anti-aliased resize and min-max scaling; box channel: nearest neighbour), the network (a
+    :class:`~medcore_monai.networks.prompt_channel.BoxChannelMedSAM`) gives model-size logits, and these are upsampled
+    bilinearly to the plane's native size. A 2-D image is one plane (an empty box channel means the whole image). A
+    volume ``[C + 1, H, W, D]`` is cut along ``slice_axis``; only slices the box reaches are run, the others get
+    :data:`UNPROMPTED_LOGIT`.
+
+    Args:
+        size: model input size (256 for the tiny models and LiteMedSAM, 1024 for ViT-B).
+        slice_axis: spatial axis along which volumes are cut (2: the ``z`` of a 3-D ``roi``).
+        batch_size: slices per network call.
+    """
+
+    def __init__(self, size: int, slice_axis: int = 2, batch_size: int = 8) -> None:
+        super().__init__()
+        if int(size) < 1 or int(batch_size) < 1:
+            raise ValueError(f"size and batch_size must be positive, got {size} and {batch_size}")
+        self.size, self.slice_axis, self.batch_size = int(size), int(slice_axis), int(batch_size)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        """Logits ``[B, 1, *spatial]`` at the inputs' resolution.
+
+        Raises:
+            ValueError: for inputs that are neither ``[B, C + 1, H, W]`` nor ``[B, C + 1, H, W, D]``.
+        """
+        inputs = _plain(inputs)
+        if inputs.ndim not in (4, 5) or inputs.shape[1] < 2:
+            raise ValueError(f"expected [B, C + 1, H, W] or [B, C + 1, H, W, D] inputs, got {tuple(inputs.shape)}")
+        if inputs.ndim == 4:
+            return self._planes(list(inputs), network)[:, None]
+        return torch.stack([self._volume(volume, network) for volume in inputs])
+
+    def _volume(self, volume: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        axis = self.slice_axis + 1
+        out = torch.full((1, *volume.shape[1:]), UNPROMPTED_LOGIT, dtype=torch.float32, device=volume.device)
+        box = volume[-1] > 0.5
+        reached = box.any(dim=tuple(d for d in range(box.ndim) if d != self.slice_axis))
+        indices = [int(i) for i in torch.nonzero(reached).flatten()]
+        for start in range(0, len(indices), self.batch_size):
+            chunk = indices[start : start + self.batch_size]
+            logits = self._planes([volume.select(axis, i) for i in chunk], network)
+            for i, plane in zip(chunk, logits):
+                out[0].select(self.slice_axis, i).copy_(plane)
+        return out
+
+    def _planes(self, planes: Sequence[torch.Tensor], network: nn.Module) -> torch.Tensor:
+        """Native-size logits ``[n, H, W]`` of same-size planes ``[C + 1, H, W]`` (box channel last)."""
+        device = next(network.parameters()).device
+        batch = torch.stack([self._model_input(p) for p in planes]).to(device)
+        logits = network(batch).float()
+        size = tuple(planes[0].shape[-2:])
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0].to(planes[0].device)
+
+    def _model_input(self, plane: torch.Tensor) -> torch.Tensor:
+        image = min_max_scale(resize_image(plane[:-1], self.size))
+        return torch.cat([image, resize_mask(plane[-1:], self.size)])

@@ -106,6 +106,27 @@ def test_monai_label_style_training_writes_the_one_checkpoint_format_and_keeps_p
     assert not any(k.startswith("prompt_encoder.") for k in changed)  # not among the trainable modules
 
 
+def test_a_datastore_mixing_2d_images_and_volumes_batches(tmp_path):
+    """MONAI Label's datastore items: bare PNG pairs and a NIfTI volume pair in one training set."""
+    import nibabel as nib
+
+    items = _png_pairs(tmp_path / "pngs", 3, seed=1)
+    volume = np.random.default_rng(0).normal(100.0, 20.0, (48, 40, 6)).astype(np.float32)
+    label = np.zeros(volume.shape, dtype=np.uint8)
+    label[10:30, 12:28, 1:5] = 1
+    for name, array in (("case.nii.gz", volume), ("case_label.nii.gz", label)):
+        nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / name)
+    items.append({"image": str(tmp_path / "case.nii.gz"), "label": str(tmp_path / "case_label.nii.gz")})
+    workflow = _workflow(["train.yaml"], **{"train#dataset#data": items, "batch_size": 7})
+    workflow.initialize()
+    batches = list(workflow.parser.get_parsed_content("train#dataloader"))
+
+    assert len(batches) == 1 and batches[0]["image"].shape == (7, 3, 256, 256)  # 3 images + the 4 labelled slices
+    pngs = sorted(Path(item["image"]).stem for item in items[:3])  # names come from the image files
+    assert sorted(batches[0]["name"]) == sorted([*pngs, "case_s001", "case_s002", "case_s003", "case_s004"])
+    assert sorted(batches[0]["slice_index"].tolist()) == [0, 0, 0, 1, 2, 3, 4]
+
+
 def test_user_overrides_take_effect(tmp_path):
     overlay = tmp_path / "mine.yaml"
     overlay.write_text(

@@ -1,10 +1,6 @@
-"""Serving the bundle with MONAI Label: emulates ``BundleInferTask`` (monailabel 0.8.5) without installing it.
+"""The bundle's served pipeline (``configs/inference.yaml``): box-channel network, transforms and inferer, in process.
 
-The emulation follows ``monailabel/tasks/infer/bundle.py`` and ``basic_infer.py``: parse
-``configs/inference.yaml``, set ``bundle_root``, build ``network_def``, load ``models/model.pt`` into
-a deep copy of it (``checkpoint.get("model", checkpoint)``), run the pre-transforms one by one on the
-request dict, ``inferer(image[None], network)`` under ``no_grad``, the post-transforms, and finally
-``Restored`` (resize to ``image.meta["spatial_shape"]``, drop a singleton channel).
+A real MONAI Label server runs the same config in ``tests/test_label_server.py``; these tests pin the pieces.
 """
 
 from __future__ import annotations
@@ -17,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata
-from monai.inferers import SimpleInferer
-from monai.transforms import Compose, LoadImaged, Resize
+from monai.data import MetaTensor
+from monai.transforms import Compose
 from PIL import Image
 
+from medcore_monai.inferers import BoxChannelInferer
 from medcore_monai.networks import MedSAM, checkpoint_image_size, load_sam, model_manifest, save_sam, slim_block_
 from medcore_monai.networks.prompt_channel import BoxChannelMedSAM, boxes_from_channel
 from medcore_monai.transforms.medsam import (
@@ -28,9 +25,8 @@ from medcore_monai.transforms.medsam import (
     LoadImage2Dd,
     MinMaxScaled,
     ResizeForSAMd,
-    box_from_mask,
 )
-from medcore_monai.transforms.prompts import BoxToChanneld, EnsureSpatial2Dd, box_mask, parse_box
+from medcore_monai.transforms.prompts import BoxToChanneld, EnsureSpatial2Dd, RestoreLoadedShaped, box_mask, parse_box
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bundle" / "configs" / "inference.yaml"
@@ -77,44 +73,24 @@ def _bundle(tmp_path: Path, payload=None, source: Path | None = None) -> Path:
     return tmp_path / "bundle"
 
 
-def _restored(data: dict) -> dict:
-    """MONAI Label's ``Restored``: resize to the loaded spatial shape, drop a singleton channel."""
-    pred, shape = data["pred"], tuple(int(s) for s in data["image"].meta["spatial_shape"])
-    if tuple(pred.shape[1:]) != shape:
-        pred = Resize(spatial_size=shape, mode="nearest")(pred)
-    data["pred"] = pred[0] if pred.ndim > 3 or pred.shape[0] == 1 else pred
-    return data
-
-
 def serve(bundle_root: Path, request: dict, strict: bool = True) -> tuple[dict, torch.nn.Module]:
-    """Run one request the way ``BundleInferTask.__call__`` does; returns the post-processed data."""
+    """Run one request through the bundle's served pipeline (``configs/inference.yaml``), in process.
+
+    The network is built from ``network_def`` and ``models/model.pt`` is loaded into it as MONAI Label loads it
+    (``checkpoint.get("model", checkpoint)``); MONAI Label's own steps around it are exercised by the real server
+    in ``tests/test_label_server.py``.
+    """
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
-    parser.config.update({"bundle_root": str(bundle_root)})
-    network_def = parser.get_parsed_content("network_def", instantiate=True)
-    meta = json.loads(METADATA.read_text())
-    key_image = next(iter(meta["network_data_format"]["inputs"]))
-    key_pred = next(iter(meta["network_data_format"]["outputs"]))
-
-    network = copy.deepcopy(network_def).to(torch.device("cpu"))  # BasicInferTask._get_network
+    parser.config.update({"bundle_root": str(bundle_root), "device": "cpu"})
+    network = parser.get_parsed_content("network_def", instantiate=True)
     checkpoint = torch.load(bundle_root / "models" / "model.pt", map_location="cpu")
     network.load_state_dict(checkpoint.get("model", checkpoint), strict=strict)
     network.eval()
-
-    parser.config.update({"device": "cpu"})  # _update_device
-    pre = parser.get_parsed_content("preprocessing", instantiate=True)
-    pre = list(pre.transforms) if isinstance(pre, Compose) else pre
-    data = copy.deepcopy(request) | {"image_path": request["image"]}
-    for transform in pre:
-        if isinstance(transform, LoadImaged):
-            transform._loader.image_only = False
-        data = transform(data)
+    data = parser.get_parsed_content("preprocessing", instantiate=True)(copy.deepcopy(request))
     with torch.no_grad():
-        data[key_pred] = SimpleInferer()(data[key_image][None], network)[0]
-    post = parser.get_parsed_content("postprocessing", instantiate=True)
-    for transform in list(post.transforms) if isinstance(post, Compose) else post:
-        data = transform(data)
-    return _restored(data), network
+        data["pred"] = parser.get_parsed_content("inferer", instantiate=True)(data["image"][None], network)[0]
+    return parser.get_parsed_content("postprocessing", instantiate=True)(data), network
 
 
 def _medsam_input(png: Path) -> torch.Tensor:
@@ -184,28 +160,31 @@ def test_metadata_is_read_as_a_2d_box_channel_model():
     assert checkpoint_image_size(SHIPPED) == image["spatial_shape"][0] == SIZE
 
 
+def _reference_mask(png: Path, roi, checkpoint: Path = SHIPPED) -> np.ndarray:
+    """MedSAM's own prediction for a PNG and an roi: ``(row, column)`` bool mask at native size."""
+    medsam = MedSAM(load_sam(checkpoint)).eval()
+    with torch.no_grad():
+        logits = medsam.predict_logits(_medsam_input(png), _scaled_box(roi, HEIGHT, WIDTH), size=(HEIGHT, WIDTH))
+    return (logits[0, 0] > 0).numpy()
+
+
 @pytest.mark.parametrize("layout", ["model_key", "raw"])
 def test_request_with_roi_matches_medsam(tmp_path, png_path, layout):
     state = load_sam(SHIPPED).state_dict()
     root = _bundle(tmp_path, {"model": state} if layout == "model_key" else state)
-    data, network = serve(root, {"image": str(png_path), "roi": ROI})
+    data, _ = serve(root, {"image": str(png_path), "roi": ROI})
 
     pred = data["pred"]
-    assert pred.dtype == torch.uint8 and set(pred.unique().tolist()) <= {0, 1}
-    assert tuple(pred.shape) == (WIDTH, HEIGHT)  # MONAI's (x, y) order; MONAI Label's writer transposes back
-    pred = pred.as_tensor().T.numpy().astype(bool)
+    assert isinstance(pred, np.ndarray) and pred.dtype == np.uint8 and set(np.unique(pred)) <= {0, 1}
+    assert pred.shape == (WIDTH, HEIGHT)  # MONAI's loaded (x, y) layout, no channel: what MONAI Label writes
+    pred = pred.T.astype(bool)
 
-    image = _medsam_input(png_path)
-    served = data["image"].as_tensor()
-    torch.testing.assert_close(served[:3], image[0])  # same pixels and orientation as MedSAM's pre-processing
-    native = box_mask(ROI, (WIDTH, HEIGHT))[0].T  # the roi drawn in (row, column)
-    resized = ResizeForSAMd(size=SIZE)({"image": torch.zeros(1, HEIGHT, WIDTH), "label": native[None]})["label"]
-    torch.testing.assert_close(boxes_from_channel(served[3][None])[0], box_from_mask(resized))
+    served = data["image"].as_tensor()  # native size, rows first: image channels and the box channel
+    native = Compose([LoadImage2Dd(keys=("image",)), EnsureThreeChanneld(keys=("image",))])({"image": str(png_path)})
+    torch.testing.assert_close(served[:3], native["image"].as_tensor().float())
+    torch.testing.assert_close(served[3], box_mask(ROI, (WIDTH, HEIGHT))[0].T)
 
-    medsam = MedSAM(load_sam(SHIPPED)).eval()
-    with torch.no_grad():
-        reference = medsam.predict_logits(image, _scaled_box(ROI, HEIGHT, WIDTH), size=(HEIGHT, WIDTH))[0, 0] > 0
-    assert (pred == reference.numpy()).mean() >= 0.99
+    assert (pred == _reference_mask(png_path, ROI)).mean() >= 0.99
     ellipse = _ellipse()
     assert (pred & ellipse).sum() / (pred | ellipse).sum() > 0.7  # the shipped tiny MedSAM finds the ellipse
 
@@ -214,42 +193,45 @@ def test_request_with_roi_matches_medsam(tmp_path, png_path, layout):
 def test_missing_roi_segments_with_the_whole_image_box(tmp_path, png_path, roi):
     root = _bundle(tmp_path, source=SHIPPED)  # the shipped fp16 raw state dict as model.pt
     request = {"image": str(png_path)} | ({} if roi is None else {"roi": roi})
-    data, network = serve(root, request)
-    assert tuple(data["pred"].shape) == (WIDTH, HEIGHT)
-    assert set(data["pred"].unique().tolist()) <= {0, 1}
-
-    image = _medsam_input(png_path)
-    whole = torch.tensor([[0.0, 0.0, SIZE - 1.0, SIZE - 1.0]])
-    with torch.no_grad():
-        expected = MedSAM(load_sam(SHIPPED)).eval().predict_logits(image, whole)
-        served = network(data["image"][None])
-    torch.testing.assert_close(served, expected)
+    data, _ = serve(root, request)
+    assert data["pred"].shape == (WIDTH, HEIGHT)
+    whole = [0, 0, WIDTH, HEIGHT]  # exclusive ends: the box [0, 0, W - 1, H - 1] the network reads off an empty channel
+    assert (data["pred"].T.astype(bool) == _reference_mask(png_path, whole)).mean() >= 0.99
 
 
 @pytest.mark.parametrize(
     ("roi", "message"),
     [
-        ([10, 10, 40], "four numbers"),
-        ([10, 10, 40, 40, 2, 5], "four numbers"),
-        ([40, 10, 10, 40], "x0 < x1 and y0 < y1"),
-        ([10, 30, 40, 30], "x0 < x1 and y0 < y1"),
+        ([10, 10, 40], "must be 4 numbers"),
+        ([10, 10, 40, 40, 2, 5], "must be 4 numbers"),
+        ([40, 10, 10, 40], "every start below its end"),
+        ([10, 30, 40, 30], "every start below its end"),
         ([200, 200, 300, 300], "outside the image"),
         ([-50, 5, -1, 20], "outside the image"),
         ([0, float("nan"), 10, 10], "non-finite"),
-        (["a", 1, 2, 3], "four numbers"),
+        (["a", 1, 2, 3], "must be numbers"),
     ],
 )
 def test_invalid_roi_is_a_clear_error(tmp_path, png_path, roi, message):
     root = _bundle(tmp_path, source=SHIPPED)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RuntimeError) as raised:  # MONAI's Compose wraps the transform's ValueError
         serve(root, {"image": str(png_path), "roi": roi})
+    cause = raised.value.__cause__
+    assert isinstance(cause, ValueError) and message in str(cause)
 
 
 def test_roi_is_clipped_rounded_and_exclusive():
-    assert parse_box([-5, 2.4, 12.2, 100], (10, 20)) == (0, 2, 10, 20)
+    assert parse_box([-5, 2.4, 12.2, 100], (10, 20)) == ((0, 10), (2, 20))
     mask = box_mask([1, 2, 3, 5], (4, 6))[0]
     assert mask.sum() == 2 * 3 and mask[1:3, 2:5].all()  # x indexes axis 0, ends exclusive
     assert box_mask(None, (4, 6)).sum() == 0
+    volume_box = box_mask([1, 2, 3, 5, 4, 6], (4, 6, 8))[0]  # MONAI Label's 3-D order: x0 y0 x1 y1 z0 z1
+    assert volume_box.sum() == 2 * 3 * 2 and volume_box[1:3, 2:5, 4:6].all()
+    assert parse_box([0, 0, 4, 6, -3, 2.5], (4, 6, 8))[2] == (0, 3)
+    with pytest.raises(ValueError, match="must be 6 numbers"):
+        parse_box([0, 0, 4, 6], (4, 6, 8))
+    with pytest.raises(ValueError, match="outside the image"):
+        parse_box([0, 0, 4, 6, 8, 9], (4, 6, 8))
 
 
 def _version1_checkpoint(sam: torch.nn.Module, path: Path) -> Path:
@@ -273,13 +255,8 @@ def test_compact_pruned_checkpoint_through_the_config(tmp_path, png_path, compac
 
     block = network.image_encoder.blocks[1]
     assert block.attn.num_heads == 2 and block.mlp.lin1.out_features == 256
-    medsam = MedSAM(load_sam(path)).eval()
-    with torch.no_grad():
-        served_input = data["image"][None].as_tensor()
-        expected = medsam.predict_logits(served_input[:, :3], boxes_from_channel(served_input[:, 3]))
-        served = network(served_input)
-    torch.testing.assert_close(served, expected)
-    assert tuple(data["pred"].shape) == (WIDTH, HEIGHT)
+    assert data["pred"].shape == (WIDTH, HEIGHT)
+    assert (data["pred"].T.astype(bool) == _reference_mask(png_path, ROI, checkpoint=path)).mean() >= 0.99
 
 
 def test_two_dimensional_nifti_matches_the_png(tmp_path, png_path):
@@ -293,15 +270,71 @@ def test_two_dimensional_nifti_matches_the_png(tmp_path, png_path):
 
     from_nifti, _ = serve(root, {"image": str(nifti), "roi": ROI})
     from_png, _ = serve(root, {"image": str(grey_png), "roi": ROI})
-    assert tuple(from_nifti["pred"].shape) == (WIDTH, HEIGHT, 1)  # the loaded shape, for MONAI Label's writer
-    torch.testing.assert_close(from_nifti["pred"][..., 0].as_tensor(), from_png["pred"].as_tensor())
+    assert from_nifti["pred"].shape == (WIDTH, HEIGHT, 1)  # the loaded shape, for MONAI Label's writer
+    np.testing.assert_array_equal(from_nifti["pred"][..., 0], from_png["pred"])
 
 
-def test_a_volume_is_refused_with_a_clear_error():
+def _volume(tmp_path: Path, depth: int = 7) -> tuple[Path, np.ndarray]:
+    """A small MR-like NIfTI volume (x = 70, y = 90, z = depth) holding the ellipse in every slice, and its mask."""
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(1)
+    mask = np.repeat(_ellipse()[..., None], depth, axis=2)
+    volume = np.where(mask, 400.0, 100.0) + rng.normal(0, 15, mask.shape)
+    path = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), np.diag([0.8, 0.8, 2.0, 1.0])), path)
+    return path, mask
+
+
+def test_a_volume_is_segmented_slice_by_slice_inside_its_3d_box(tmp_path):
+    path, mask = _volume(tmp_path)
+    root = _bundle(tmp_path, source=SHIPPED)
+    roi = [12, 22, 50, 80, 2, 5]  # x = axis 0 (rows of the ellipse), y = axis 1, slices 2..4
+    data, network = serve(root, {"image": str(path), "roi": roi})
+
+    pred = data["pred"]
+    assert pred.shape == mask.shape and pred.dtype == np.uint8 and set(np.unique(pred)) <= {0, 1}
+    assert pred[..., :2].sum() == 0 and pred[..., 5:].sum() == 0  # slices outside the box are not segmented
+    inside = pred[..., 2:5].astype(bool)
+    assert (inside & mask[..., 2:5]).sum() / (inside | mask[..., 2:5]).sum() > 0.7
+
+    # each slice is the 2-D pipeline of that slice: same prediction as serving it on its own (no transpose:
+    # volume slices keep the layout train.yaml cuts them in)
+    inferer = BoxChannelInferer(size=SIZE)
+    plane = data["image"].as_tensor()[..., 3]
+    with torch.no_grad():
+        alone = inferer(plane[None], network)[0, 0] > 0
+    np.testing.assert_array_equal(pred[..., 3], alone.numpy().astype(np.uint8))
+
+
+@pytest.mark.parametrize(("roi", "message"), [(None, "a volume needs a box"), ([1, 2, 30, 40], "must be 6 numbers")])
+def test_a_volume_without_a_3d_box_is_refused(tmp_path, roi, message):
+    path, _ = _volume(tmp_path)
+    root = _bundle(tmp_path, source=SHIPPED)
+    with pytest.raises(RuntimeError) as raised:
+        serve(root, {"image": str(path)} | ({} if roi is None else {"roi": roi}))
+    assert message in str(raised.value.__cause__)
+
+
+def test_dimension_checks_of_the_serving_transforms():
     with pytest.raises(ValueError, match="2-D images"):
         EnsureSpatial2Dd(keys="image")({"image": torch.zeros(1, 8, 8, 4)})
-    with pytest.raises(ValueError, match="channel-first 2-D"):
-        BoxToChanneld(keys="image")({"image": torch.zeros(3, 8, 8, 4), "roi": [0, 0, 2, 2]})
+    volume = EnsureSpatial2Dd(keys="image", allow_volumes=True)({"image": torch.zeros(1, 8, 8, 4)})["image"]
+    assert volume.shape == (1, 8, 8, 4)
+    with pytest.raises(ValueError, match="2-D images or 3-D volumes"):
+        EnsureSpatial2Dd(keys="image", allow_volumes=True)({"image": torch.zeros(1, 8, 8, 4, 3)})
+    with pytest.raises(ValueError, match="channel-first 2-D or 3-D"):
+        BoxToChanneld(keys="image")({"image": torch.zeros(3, 8), "roi": [0, 0, 2, 2]})
+    with pytest.raises(ValueError, match="inputs"):
+        BoxChannelInferer(size=SIZE)(torch.zeros(1, 4, 8), torch.nn.Identity())
+
+
+def test_restore_loaded_shape_gives_what_monai_label_writes():
+    image = MetaTensor(torch.zeros(4, 70, 90), meta={"spatial_shape": np.array([90, 70, 1])})
+    pred = np.zeros((1, 90, 70), dtype=np.uint8)
+    out = RestoreLoadedShaped(keys="pred")({"image": image, "pred": pred})["pred"]
+    assert out.shape == (90, 70, 1)
+    with pytest.raises(ValueError, match="loaded shape"):
+        RestoreLoadedShaped(keys="pred")({"image": image, "pred": np.zeros((2, 90, 70))})
 
 
 def test_label_checkpoint_round_trips(tmp_path, compact_sam):

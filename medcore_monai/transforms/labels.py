@@ -100,7 +100,9 @@ class BinarizeLabeld(MapTransform):
         for key in self.key_iterator(d):
             mask = d[key]
             binary = binarize_label(mask, self.label_value, _source(mask) or str(d.get("name", key)))
-            d[key] = MetaTensor(binary, meta=dict(mask.meta), applied_operations=[]) if isinstance(
-                mask, MetaTensor
-            ) else binary
+            d[key] = (
+                MetaTensor(binary, meta=dict(mask.meta), applied_operations=[])
+                if isinstance(mask, MetaTensor)
+                else binary
+            )
         return d

@@ -187,7 +187,7 @@ def _three_channels(image: torch.Tensor, source: str) -> torch.Tensor:
     if channels == _RGB:
         return image
     if channels in (1, _GREY_ALPHA):
-        return image[:1].repeat(_RGB, 1, 1)
+        return image[:1].repeat(_RGB, *([1] * (image.ndim - 1)))  # 2-D images and volumes alike
     if channels == _RGBA:
         return image[:_RGB]
     raise DataError(f"Cannot make a three-channel image from {channels} channels in {source}")

@@ -122,12 +122,14 @@ class ByDatasetd(Transform):
 
 
 class SplitSlicesd(MapTransform):
-    """Cut a channel-first volume ``(C, X, Y, Z)`` into 2-D slice items; 2-D items pass through unchanged.
+    """Cut a channel-first volume ``(C, X, Y, Z)`` into 2-D slice items; 2-D items keep their pixels.
 
     Only slices whose ``label_key`` has at least ``min_foreground`` foreground pixels are kept (MedSAM derives
     its box prompt from the mask), unless the item lists the slice indices to keep under ``slices_key``. Each
     slice item keeps the other entries of the volume item and gains ``name`` (``<volume>_sNNN``), ``volume``,
-    ``slice_index`` and ``slice_axis``; its tensors get a 2-D affine with the in-plane spacing.
+    ``slice_index`` and ``slice_axis``; its tensors get a 2-D affine with the in-plane spacing. 2-D items get the same
+    keys where they lack them (``name`` from the file, ``volume`` = ``name``, ``slice_index`` 0), so a dataset that mixes
+    2-D images and volumes (a MONAI Label datastore, or several data roots) batches.
 
     Args:
         keys: keys of the volume and its label.
@@ -156,9 +158,9 @@ class SplitSlicesd(MapTransform):
         """The item itself (2-D) or one item per kept slice (3-D)."""
         label = data[self.label_key]
         if label.ndim != 4:  # channel + two spatial axes: already a 2-D sample
-            return dict(data)
+            return self._plane(data)
         axis = int(data.get("slice_axis", self.axis))
-        volume = str(data.get("volume") or data.get("name") or volume_name(_filename(label)))
+        volume = str(data.get("volume") or data.get("name") or volume_name(_filename(data[self.keys[0]])))
         return [self._slice(data, axis, index, volume) for index in self._indices(data, label, axis)]
 
     def _indices(self, data: Mapping[Hashable, Any], label: torch.Tensor, axis: int) -> list[int]:
@@ -167,6 +169,19 @@ class SplitSlicesd(MapTransform):
         other = tuple(a for a in (1, 2, 3) if a != axis + 1)
         counts = (torch.as_tensor(label) > 0).sum(dim=(0, *other))
         return [int(i) for i in torch.nonzero(counts >= self.min_foreground).flatten()]
+
+    def _plane(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """A 2-D item with the keys slices have, so 2-D images and volume slices batch together.
+
+        A 2-D image is its own group (``volume`` = its name) and its only plane (``slice_index`` 0).
+        """
+        item = dict(data)
+        name = str(item.get("name") or volume_name(_filename(data[self.keys[0]])))
+        item.setdefault("name", name)
+        item.setdefault("volume", name)
+        item.setdefault("slice_index", 0)
+        item.setdefault("slice_axis", self.axis)
+        return item
 
     def _slice(self, data: Mapping[Hashable, Any], axis: int, index: int, volume: str) -> dict[Hashable, Any]:
         item = {k: v for k, v in data.items() if k != self.slices_key}
