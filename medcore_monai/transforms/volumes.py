@@ -127,9 +127,9 @@ class SplitSlicesd(MapTransform):
     Only slices whose ``label_key`` has at least ``min_foreground`` foreground pixels are kept (MedSAM derives
     its box prompt from the mask), unless the item lists the slice indices to keep under ``slices_key``. Each
     slice item keeps the other entries of the volume item and gains ``name`` (``<volume>_sNNN``), ``volume``,
-    ``slice_index`` and ``slice_axis``; its tensors get a 2-D affine with the in-plane spacing. 2-D items get the same
-    keys where they lack them (``name`` from the file, ``volume`` = ``name``, ``slice_index`` 0), so a dataset that mixes
-    2-D images and volumes (a MONAI Label datastore, or several data roots) batches.
+    ``slice_index`` and ``slice_axis``; its tensors get a 2-D affine with the in-plane spacing. 2-D items get the
+    same keys where they lack them (``name`` from the file, ``volume`` = ``name``, ``slice_index`` 0), so a dataset
+    that mixes 2-D images and volumes (a MONAI Label datastore, or several data roots) batches.
 
     Args:
         keys: keys of the volume and its label.
