@@ -3,6 +3,7 @@
 Modules depend on each other one way only::
 
     config, checkpoint, structure, sam_import, robust_decoder    (leaves)
+      <- tiny_vit      LiteMedSAM's TinyViT image encoder; litemedsam: where its weights are
       <- manifest      architecture/width manifest, ModelManifest for checkpoint handlers
       <- medsam        MedSAM, RobustMedSAM, as_medsam, early-feature capture
       <- build         build/load/save (plain and RobustSAM decoder), the one checkpoint format
@@ -30,8 +31,9 @@ from .checkpoint import (
     read_checkpoint,
     read_model_state,
 )
-from .config import SAM_PRESETS, SamConfig, get_preset, infer_sam_config
+from .config import SAM_PRESETS, SamConfig, TinyViTConfig, config_from_dict, get_preset, infer_sam_config
 from .fusion import FusionReport, fuse_checkpoints, fuse_state_dicts, strip_robust_decoder
+from .litemedsam import litemedsam_checkpoint
 from .manifest import ModelManifest, model_manifest
 from .medsam import MedSAM, RobustMedSAM, as_medsam
 from .robust_decoder import RobustMaskDecoder, has_robust_decoder
@@ -49,6 +51,8 @@ from .structure import (
     kept_indices,
     measure_flops,
     mlp_group_sums,
+    mlp_layers,
+    prunable_blocks,
     slim_block_,
     slim_encoder_,
 )
@@ -72,6 +76,11 @@ __all__ = [
     "SAM_PRESETS",
     "SamConfig",
     "StructuredMasks",
+    "TinyViTConfig",
+    "config_from_dict",
+    "litemedsam_checkpoint",
+    "mlp_layers",
+    "prunable_blocks",
     "attach_masks",
     "block_flops",
     "build_sam",

@@ -36,7 +36,15 @@ from .checkpoint import (
     plain_state_dict,
     read_checkpoint,
 )
-from .config import PROMPT_EMBED_DIM, SamConfig, get_preset, infer_sam_config
+from .config import (
+    PROMPT_EMBED_DIM,
+    ModelConfig,
+    SamConfig,
+    TinyViTConfig,
+    config_from_dict,
+    get_preset,
+    infer_sam_config,
+)
 from .manifest import (
     DECODER_NAME,
     checked_blocks,
@@ -50,6 +58,7 @@ from .medsam import MedSAM, as_medsam
 from .robust_decoder import RobustMaskDecoder, has_robust_decoder
 from .sam_import import sam_modeling
 from .structure import slim_block_
+from .tiny_vit import TinyViTEncoder
 
 __all__ = [
     "COMPACT_FORMAT",
@@ -82,14 +91,48 @@ FORMAT_VERSION = 2
 # --------------------------------------------------------------------------------------------------
 
 
-def build_sam(config: SamConfig | str = "vit_b", seed: int | None = None) -> nn.Module:
+def _image_encoder(config: ModelConfig) -> nn.Module:
+    """segment-anything's ``ImageEncoderViT``, or the project's TinyViT encoder for LiteMedSAM configs."""
+    if isinstance(config, TinyViTConfig):
+        return TinyViTEncoder(
+            img_size=config.img_size,
+            embed_dims=config.embed_dims,
+            depths=config.depths,
+            num_heads=config.stage_heads,
+            window_sizes=config.window_sizes,
+            mlp_ratio=config.mlp_ratio,
+            mbconv_expand=config.mbconv_expand,
+            merge_strides=config.merge_strides,
+            block_heads=config.block_heads,
+            block_mlp_dims=config.block_mlp_dims,
+            out_chans=config.out_chans,
+        )
+    return sam_modeling().ImageEncoderViT(
+        depth=config.depth,
+        embed_dim=config.embed_dim,
+        img_size=config.img_size,
+        mlp_ratio=config.mlp_ratio,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_heads=config.num_heads,
+        patch_size=config.patch_size,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=config.global_attn_indexes,
+        window_size=config.window_size,
+        out_chans=config.out_chans,
+    )
+
+
+def build_sam(config: ModelConfig | str = "vit_b", seed: int | None = None) -> nn.Module:
     """Build a segment-anything ``Sam`` with the given architecture (random weights).
 
-    Compact configs (per-block widths) are built dense, then each block is narrowed to its width, so
-    the module classes are exactly segment-anything's.
+    ViT encoders are segment-anything's ``ImageEncoderViT``; compact ViT configs (per-block widths) are built dense,
+    then each block is narrowed to its width, so the module classes are exactly segment-anything's. LiteMedSAM
+    configs get a :class:`~medcore_monai.networks.tiny_vit.TinyViTEncoder` built at their widths.
 
     Args:
-        config: a :class:`SamConfig` or a preset name (``vit_b``, ``vit_l``, ``vit_h``, ``tiny``).
+        config: a :class:`SamConfig` / :class:`TinyViTConfig` or a preset name (``vit_b``, ``vit_l``, ``vit_h``,
+            ``tiny``, ``litemedsam``).
         seed: seed for the random initialisation (``None`` uses the global RNG).
     """
     if isinstance(config, str):
@@ -101,20 +144,7 @@ def build_sam(config: SamConfig | str = "vit_b", seed: int | None = None) -> nn.
         torch.manual_seed(seed)
     try:
         sam = modeling.Sam(
-            image_encoder=modeling.ImageEncoderViT(
-                depth=config.depth,
-                embed_dim=config.embed_dim,
-                img_size=config.img_size,
-                mlp_ratio=config.mlp_ratio,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                num_heads=config.num_heads,
-                patch_size=config.patch_size,
-                qkv_bias=True,
-                use_rel_pos=True,
-                global_attn_indexes=config.global_attn_indexes,
-                window_size=config.window_size,
-                out_chans=config.out_chans,
-            ),
+            image_encoder=_image_encoder(config),
             prompt_encoder=modeling.PromptEncoder(
                 embed_dim=PROMPT_EMBED_DIM,
                 image_embedding_size=(grid, grid),
@@ -136,7 +166,7 @@ def build_sam(config: SamConfig | str = "vit_b", seed: int | None = None) -> nn.
     finally:
         if seed is not None:
             torch.random.set_rng_state(generator_state)
-    if config.is_compact:
+    if config.is_compact and isinstance(config, SamConfig):
         for i, blk in enumerate(sam.image_encoder.blocks):
             slim_block_(blk, range(config.heads_of(i)), range(config.mlp_dim_of(i)))
     sam.medcore_config = config
@@ -182,10 +212,10 @@ def build_robust_sam(config: SamConfig | str = "vit_b", seed: int | None = None)
 
 def checkpoint_config(
     state: dict[str, torch.Tensor], manifest: dict[str, Any] | None, model_type: str, source: str
-) -> SamConfig:
+) -> ModelConfig:
     """The architecture of a checkpoint: its compact manifest, else a preset name, else its tensor shapes."""
     if manifest is not None:
-        return SamConfig.from_dict(manifest["config"])
+        return config_from_dict(manifest["config"])
     if model_type != "auto":
         return get_preset(model_type)
     try:

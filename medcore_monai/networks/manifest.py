@@ -17,9 +17,9 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .config import SamConfig, infer_sam_config
+from .config import ModelConfig, infer_sam_config
 from .robust_decoder import RobustMaskDecoder
-from .structure import kept_indices
+from .structure import kept_indices, mlp_layers, prunable_blocks
 
 __all__ = [
     "DECODER_NAME",
@@ -50,12 +50,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def compact_manifest(sam: nn.Module) -> list[dict[str, Any]]:
     """Per-block widths and the original indices of the kept heads and MLP channels."""
     out = []
-    for blk in unwrap_model(sam).image_encoder.blocks:
+    for blk in prunable_blocks(unwrap_model(sam).image_encoder):
         heads, channels = kept_indices(blk)
         out.append(
             {
                 "num_heads": blk.attn.num_heads,
-                "mlp_dim": blk.mlp.lin1.out_features,
+                "mlp_dim": mlp_layers(blk)[0].out_features,
                 "kept_heads": heads,
                 "kept_channels": channels,
             }
@@ -63,15 +63,15 @@ def compact_manifest(sam: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
-def current_config(sam: nn.Module) -> SamConfig:
+def current_config(sam: nn.Module) -> ModelConfig:
     """The architecture of ``sam`` as it is now (after any slimming)."""
     sam = unwrap_model(sam)
     base = getattr(sam, "medcore_config", None) or infer_sam_config(sam.state_dict())
-    blocks = sam.image_encoder.blocks
-    return base.with_widths([b.attn.num_heads for b in blocks], [b.mlp.lin1.out_features for b in blocks])
+    blocks = prunable_blocks(sam.image_encoder)
+    return base.with_widths([b.attn.num_heads for b in blocks], [mlp_layers(b)[0].out_features for b in blocks])
 
 
-def make_manifest(config: SamConfig, blocks: list[dict[str, Any]], robust_decoder: bool = False) -> dict[str, Any]:
+def make_manifest(config: ModelConfig, blocks: list[dict[str, Any]], robust_decoder: bool = False) -> dict[str, Any]:
     """The manifest dict: ``{"config", "blocks"}`` plus ``"decoder": "robustsam"`` for RobustSAM decoders."""
     manifest: dict[str, Any] = {"config": config.to_dict(), "blocks": blocks}
     if robust_decoder:
@@ -91,7 +91,7 @@ def model_manifest(model: nn.Module) -> dict[str, Any]:
     return make_manifest(current_config(model), compact_manifest(model), robust_decoder=robust)
 
 
-def dense_blocks(config: SamConfig) -> list[dict[str, Any]]:
+def dense_blocks(config: ModelConfig) -> list[dict[str, Any]]:
     """Block manifest of an encoder that was never slimmed (kept indices are the first ``width``)."""
     return [
         {
@@ -104,7 +104,7 @@ def dense_blocks(config: SamConfig) -> list[dict[str, Any]]:
     ]
 
 
-def checked_blocks(blocks: Any, config: SamConfig, source: str) -> list[dict[str, Any]]:
+def checked_blocks(blocks: Any, config: ModelConfig, source: str) -> list[dict[str, Any]]:
     """The manifest's per-block entries, checked against the config's widths.
 
     Raises:
@@ -124,7 +124,7 @@ def checked_blocks(blocks: Any, config: SamConfig, source: str) -> list[dict[str
 
 def restore_kept_indices(sam: nn.Module, blocks: list[Mapping[str, Any]]) -> None:
     """Set each encoder block's record of its kept original heads and MLP channels from a block manifest."""
-    for blk, entry in zip(unwrap_model(sam).image_encoder.blocks, blocks):
+    for blk, entry in zip(prunable_blocks(unwrap_model(sam).image_encoder), blocks):
         blk.medcore_kept_heads = list(entry["kept_heads"])
         blk.medcore_kept_channels = list(entry["kept_channels"])
 

