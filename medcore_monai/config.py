@@ -267,12 +267,49 @@ def check_inputs(files: Mapping[str, str | None], data_roots: Any = None, proble
 
 
 def check_prune_inputs(medsam_ckpt: str | None, sam_ckpt: str | None, score: str, data_roots: Any) -> None:
-    """:func:`check_inputs` for a pruning run: the scores ``dual`` and ``reset`` need ``sam_ckpt`` too."""
+    """:func:`check_inputs` for a pruning run: the scores ``dual`` and ``reset`` need a parent (``sam_ckpt``).
+
+    The parent is the general-domain model the medical one was fine-tuned from, with the same architecture (the
+    reset intervention compares them parameter by parameter). Without one (no parent of LiteMedSAM is available
+    offline) the MedCore score is ``zero`` with boundary-aware Fisher.
+    """
     needs_sam = score in ("dual", "reset")
-    problem = f"score {score!r} needs sam_ckpt (the general SAM the medical model came from)"
+    problem = (
+        f"score {score!r} needs sam_ckpt: the general-domain model the medical one was fine-tuned from, with the "
+        "same architecture; without one use score zero (boundary-aware Fisher of removing each group)"
+    )
     files = {"medsam_ckpt": medsam_ckpt, "sam_ckpt": sam_ckpt if needs_sam else None}
     missing = [] if medsam_ckpt else ["medsam_ckpt is not set"]
-    check_inputs(files, data_roots, missing + ([problem] if needs_sam and not sam_ckpt else []))
+    problems = missing + ([problem] if needs_sam and not sam_ckpt else [])
+    if needs_sam and not problems and not input_problems(files):
+        problems += architecture_problems(medsam_ckpt, sam_ckpt)
+    check_inputs(files, data_roots, problems)
+
+
+def architecture_problems(medsam_ckpt: str, sam_ckpt: str) -> list[str]:
+    """Why ``sam_ckpt`` cannot be the parent of ``medsam_ckpt`` (another family or dense architecture), if it can't."""
+    from dataclasses import replace
+
+    from .networks import CheckpointError
+    from .networks.build import checkpoint_config
+    from .networks.checkpoint import checkpoint_manifest, extract_state_dict, read_checkpoint
+
+    def dense(path: str):
+        obj = read_checkpoint(path)
+        config = checkpoint_config(extract_state_dict(obj, source=path), checkpoint_manifest(obj), "auto", path)
+        return replace(config, block_heads=None, block_mlp_dims=None, name="")
+
+    try:
+        medical, parent = dense(medsam_ckpt), dense(sam_ckpt)
+    except CheckpointError as err:
+        return [str(err)]
+    if medical != parent:
+        return [
+            f"sam_ckpt {sam_ckpt} is not a parent of medsam_ckpt: their architectures differ "
+            f"({type(parent).__name__} vs {type(medical).__name__}); the reset intervention compares them parameter "
+            "by parameter. Give the model the medical one was fine-tuned from, or use score zero"
+        ]
+    return []
 
 
 #: Settings that do not change what a run computes: they never stop a run folder from resuming.

@@ -200,3 +200,66 @@ def test_the_served_network_takes_a_litemedsam_checkpoint(tmp_path):
         out = served(x)
         expected = MedSAM(sam).eval().predict_logits(x[:, :3], torch.tensor([[5.0, 10.0, 49.0, 39.0]]))
     torch.testing.assert_close(out, expected)
+
+
+# --------------------------------------------------------------------------- the prune workflow on a TinyViT
+
+
+@pytest.fixture(scope="module")
+def polyps(tmp_path_factory):
+    from medcore_monai.demo import write_synthetic_pairs
+
+    root = tmp_path_factory.mktemp("polyps")
+    write_synthetic_pairs(root, 10, 96, seed=3)
+    return root
+
+
+def _prune_settings(checkpoint, root, out, **extra):
+    return {
+        "medsam_ckpt": str(checkpoint),
+        "sam_ckpt": None,
+        "score": "zero",
+        "data_roots": [str(root)],
+        "output_dir": str(out),
+        "device": "cpu",
+        "head_sparsity": 0.5,
+        "mlp_sparsity": 0.5,
+        "cal_size": 3,
+        "recovery_steps": 2,
+        "max_eval_images": 2,
+        "progress": False,
+    } | extra
+
+
+@pytest.mark.slow
+def test_prune_run_slims_a_tinyvit_model_without_a_parent(polyps, tmp_path):
+    import json
+
+    from medcore_monai.prune import run_prune
+
+    checkpoint = save_sam(_small_sam(seed=4), tmp_path / "lite_small.pt")
+    out = tmp_path / "run"
+    report = run_prune(**_prune_settings(checkpoint, polyps, out))
+
+    heads, channels = report["budgets"]
+    assert heads["total"] == 12 and heads["achieved"] == 6  # 2 + 2 + 2 + 2 + 4 dense heads, half removed
+    assert channels["total"] == 2 * 128 + 2 * 160 + 320 and channels["achieved"] == channels["total"] // 2
+    pruned = load_sam(out / "model_pruned.pt")
+    assert isinstance(pruned.medcore_config, TinyViTConfig) and pruned.medcore_config.is_compact
+    assert count_parameters(pruned.image_encoder) == report["cost"]["after"]["encoder_params"]
+    assert report["cost"]["after"]["encoder_flops"] < report["cost"]["before"]["encoder_flops"]
+    assert json.loads((out / "report.json").read_text())["budgets"] == report["budgets"]
+    for name in ("report.md", "scores.npz", "kept_per_block.png"):
+        assert (out / name).is_file(), name
+
+
+def test_scores_that_need_a_parent_fail_at_start_without_one_or_with_another_architecture(polyps, tmp_path):
+    from medcore_monai.prune import run_prune
+
+    checkpoint = save_sam(_small_sam(seed=5), tmp_path / "lite_small.pt")
+    with pytest.raises(ValueError, match="without one use score zero"):
+        run_prune(**_prune_settings(checkpoint, polyps, tmp_path / "a", score="dual"))
+    vit = tmp_path / "vit_tiny.pth"
+    torch.save(build_sam("tiny", seed=0).state_dict(), vit)
+    with pytest.raises(ValueError, match="is not a parent of medsam_ckpt"):
+        run_prune(**_prune_settings(checkpoint, polyps, tmp_path / "b", score="reset", sam_ckpt=str(vit)))

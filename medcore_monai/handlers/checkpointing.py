@@ -27,7 +27,7 @@ from ..config import ConfigError, fingerprint_differences
 from ..files import atomic_torch_save
 from ..networks import CheckpointError, read_checkpoint
 from ..networks.manifest import model_manifest
-from ..networks.structure import kept_indices, slim_block_
+from ..networks.structure import kept_indices, prunable_blocks, slim_block_
 
 __all__ = ["RESUMED_KEY", "TrainingCheckpoint", "register_state", "resumed_state", "slim_to_manifest"]
 
@@ -48,7 +48,7 @@ def slim_to_manifest(model: nn.Module, blocks: list[Mapping[str, Any]]) -> None:
     Raises:
         CheckpointError: if the manifest keeps a group the model has already removed.
     """
-    for index, (block, entry) in enumerate(zip(model.image_encoder.blocks, blocks)):
+    for index, (block, entry) in enumerate(zip(prunable_blocks(model.image_encoder), blocks)):
         heads, channels = kept_indices(block)
         want_heads, want_channels = list(entry["kept_heads"]), list(entry["kept_channels"])
         if (heads, channels) == (want_heads, want_channels):

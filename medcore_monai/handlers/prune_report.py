@@ -151,9 +151,9 @@ class PruneReport:
         images = {
             "Kept heads and MLP channels per block": plot_kept_per_block(
                 [len(k) for k in report["kept_heads"]],
-                config.num_heads,
+                config.dense_heads,
                 [len(k) for k in report["kept_channels"]],
-                config.mlp_dim,
+                config.dense_mlp_dims,
                 out / "kept_per_block.png",
             )
         }
@@ -169,9 +169,9 @@ class PruneReport:
         details = engine.state.pruning.details
         if "reset_heads_per_dataset" in details:
             zero, reset = details["zero_heads_per_dataset"].mean(0), details["reset_heads_per_dataset"].mean(0)
-            images["Zero vs reset head scores"] = plot_score_scatter(
-                zero, reset, out / "score_scatter.png", heads_per_block=config.num_heads
-            )
+            blocks = np.repeat(np.arange(len(config.dense_heads)), config.dense_heads)  # block of each flat score
+            scatter = out / "score_scatter.png"
+            images["Zero vs reset head scores"] = plot_score_scatter(zero, reset, scatter, blocks=blocks)
         write_report_markdown(report, out / "report.md", images)
 
 

@@ -149,9 +149,9 @@ class PruningHandler:
         """Kept heads and channels per block (original indices)."""
         if self.state is not None:
             return self.state.kept()
-        from ..networks.structure import kept_indices
+        from ..networks.structure import kept_indices, prunable_blocks
 
-        blocks = _model(getattr(engine_or_model, "network", engine_or_model)).image_encoder.blocks
+        blocks = prunable_blocks(_model(getattr(engine_or_model, "network", engine_or_model)).image_encoder)
         return [kept_indices(b)[0] for b in blocks], [kept_indices(b)[1] for b in blocks]
 
     def state_dict(self) -> dict[str, Any]:

@@ -73,6 +73,16 @@ class SamConfig:
         return int(self.embed_dim * self.mlp_ratio)
 
     @property
+    def dense_heads(self) -> tuple[int, ...]:
+        """Dense heads of each block."""
+        return (self.num_heads,) * self.depth
+
+    @property
+    def dense_mlp_dims(self) -> tuple[int, ...]:
+        """Dense MLP hidden width of each block."""
+        return (self.mlp_dim,) * self.depth
+
+    @property
     def grid_size(self) -> int:
         """Token grid side length (image embedding size)."""
         return self.img_size // self.patch_size

@@ -64,6 +64,11 @@ class MedSAM(nn.Module):
         """Side of the square model input."""
         return self.image_encoder.img_size
 
+    @property
+    def low_res_size(self) -> int:
+        """Side of the decoder's logits: 4x the embedding grid (256 for ViT-B at 1024 px and LiteMedSAM at 256)."""
+        return 4 * int(self.prompt_encoder.image_embedding_size[0])
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``[B, 256, g, g]`` from ``[B, 3, S, S]`` images in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.img_size:
@@ -129,6 +134,11 @@ def early_feature_block(image_encoder: nn.Module) -> int:
     Raises:
         ValueError: if every block uses windowed attention.
     """
+    if not hasattr(image_encoder, "blocks"):
+        raise ValueError(
+            f"RobustSAM's decoder reads the early features of a ViT's first global-attention block; "
+            f"{type(image_encoder).__name__} (LiteMedSAM's TinyViT) has no such block"
+        )
     for index, block in enumerate(image_encoder.blocks):
         if block.window_size == 0:
             return index

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..networks.structure import StructuredMasks
+from ..networks.structure import BlockStructure, StructuredMasks
 
 __all__ = [
     "BudgetReport",
@@ -68,14 +68,28 @@ class BudgetReport:
         }
 
 
-def block_sensitivity(fisher: Mapping[str, torch.Tensor], depth: int, prefix: str = "") -> torch.Tensor:
-    """Sum of the Fisher entries of every parameter of each block (qkv, proj, MLP, norms, rel-pos)."""
-    sens = torch.zeros(depth, dtype=torch.float64)
+def block_sensitivity(
+    fisher: Mapping[str, torch.Tensor], blocks: int | Sequence[BlockStructure], prefix: str = ""
+) -> torch.Tensor:
+    """Sum of the Fisher entries of every parameter of each prunable block (qkv, proj, MLP, norms, rel-pos, ...).
+
+    Args:
+        fisher: per-parameter Fisher keyed like the encoder's parameters.
+        blocks: the encoder structure (:func:`~medcore_monai.networks.encoder_structure`), or a block count for a
+            ViT whose blocks are ``blocks.{i}``.
+        prefix: key prefix in ``fisher`` (e.g. ``"image_encoder."``).
+    """
+    paths = (
+        [f"blocks.{i}." for i in range(blocks)]
+        if isinstance(blocks, int)
+        else [f"{b.path or f'blocks.{b.index}'}." for b in blocks]
+    )
+    sens = torch.zeros(len(paths), dtype=torch.float64)
     for name, values in fisher.items():
         rest = name[len(prefix) :] if name.startswith(prefix) else None
-        if rest is None or not rest.startswith("blocks."):
-            continue
-        sens[int(rest.split(".")[1])] += float(values.double().sum())
+        index = next((i for i, path in enumerate(paths) if rest is not None and rest.startswith(path)), None)
+        if index is not None:
+            sens[index] += float(values.double().sum())
     return sens
 
 

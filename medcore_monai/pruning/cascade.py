@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from ..losses.recovery import RecoveryLossWeights
-from ..networks.structure import StructuredMasks, attach_masks, encoder_structure, kept_indices, slim_encoder_
+from ..networks.structure import (
+    StructuredMasks,
+    attach_masks,
+    encoder_structure,
+    kept_indices,
+    prunable_blocks,
+    slim_encoder_,
+)
 from .budget import BudgetReport, block_sensitivity, plan_masks
 from .fisher import FisherCalibration, FisherResult, cross_fisher
 from .scores import (
@@ -114,26 +121,29 @@ class CascadeResult:
 def aligned_reference(reference: Mapping[str, torch.Tensor], encoder: nn.Module) -> dict[str, torch.Tensor]:
     """Slice dense reference tensors (SAM weights or Fisher) to the heads/channels a compact encoder still holds."""
     out = dict(reference)
-    for b, block in enumerate(encoder.blocks):
+    for structure, block in zip(encoder_structure(encoder), prunable_blocks(encoder)):
         heads, channels = kept_indices(block)
-        attn = block.attn
-        head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-        p = f"blocks.{b}."
-        dense_width = reference[p + "attn.qkv.weight"].shape[0] // 3
-        cols = (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).flatten()
-        rows = torch.cat([cols, cols + dense_width, cols + 2 * dense_width])
+        names, d = structure.param_slices(), structure.head_dim
+        head_index = torch.tensor(heads)
+        cols = (head_index[:, None] * d + torch.arange(d)).flatten()
+        if structure.qkv_layout == "per_head":
+            rows = (head_index[:, None] * 3 * d + torch.arange(3 * d)).flatten()
+        else:
+            dense_width = reference[names["qkv.weight"]].shape[0] // 3
+            rows = torch.cat([cols, cols + dense_width, cols + 2 * dense_width])
         idx = torch.tensor(channels)
         for name, dim, index in (
-            ("attn.qkv.weight", 0, rows),
-            ("attn.qkv.bias", 0, rows),
-            ("attn.proj.weight", 1, cols),
-            ("mlp.lin1.weight", 0, idx),
-            ("mlp.lin1.bias", 0, idx),
-            ("mlp.lin2.weight", 1, idx),
+            (names["qkv.weight"], 0, rows),
+            (names["qkv.bias"], 0, rows),
+            (names["proj.weight"], 1, cols),
+            (names["qkv.weight"].replace("qkv.weight", "attention_biases"), 0, head_index),
+            (names["lin1.weight"], 0, idx),
+            (names["lin1.bias"], 0, idx),
+            (names["lin2.weight"], 1, idx),
         ):
-            if p + name in reference:
-                tensor = reference[p + name]
-                out[p + name] = tensor.index_select(dim, index.to(tensor.device))
+            if name in reference:
+                tensor = reference[name]
+                out[name] = tensor.index_select(dim, index.to(tensor.device))
     return out
 
 
@@ -236,8 +246,7 @@ class CascadeState:
         self.timing: dict[str, float] = {}
         self.fisher_counts: dict[str, dict[str, int]] = {}
         cfg = model.medcore_config
-        depth = len(model.image_encoder.blocks)
-        self.totals = (depth * cfg.num_heads, depth * cfg.mlp_dim) if cfg is not None else None
+        self.totals = (sum(cfg.dense_heads), sum(cfg.dense_mlp_dims)) if cfg is not None else None
 
     def timed(self, stage: str, fn, *args, **kwargs):
         """Call ``fn`` and add its duration to ``timing[stage]``."""
@@ -292,7 +301,7 @@ class CascadeState:
     def sensitivity(self, fishers) -> torch.Tensor:
         """Per-block sensitivity from the pi-weighted Fisher."""
         pi = normalised_weights(self.config.pi, len(fishers))
-        return block_sensitivity(_pi_weighted_fisher(fishers, pi), len(self.model.image_encoder.blocks))
+        return block_sensitivity(_pi_weighted_fisher(fishers, pi), encoder_structure(self.model.image_encoder))
 
     def apply(self, new_masks: StructuredMasks) -> None:
         """Slim the encoder to ``new_masks`` (or attach them as masks when ``config.slim`` is off)."""
@@ -308,7 +317,7 @@ class CascadeState:
     def kept(self) -> tuple[list[list[int]], list[list[int]]]:
         """Kept heads and MLP channels per block, as indices of the original dense encoder."""
         if self.config.slim:
-            blocks = self.model.image_encoder.blocks
+            blocks = prunable_blocks(self.model.image_encoder)
             return [kept_indices(b)[0] for b in blocks], [kept_indices(b)[1] for b in blocks]
         return self.masks.kept_heads(), self.masks.kept_channels()
 

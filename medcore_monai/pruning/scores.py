@@ -89,9 +89,13 @@ def _group_tensors(values: Mapping[str, torch.Tensor]) -> list[str]:
         "attn.qkv.weight",
         "attn.qkv.bias",
         "attn.proj.weight",
+        "attn.attention_biases",  # TinyViT: one row per head
         "mlp.lin1.weight",
         "mlp.lin1.bias",
         "mlp.lin2.weight",
+        "mlp.fc1.weight",  # TinyViT's MLP names
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
     )
     return [n for n in values if n.endswith(suffixes)]
 

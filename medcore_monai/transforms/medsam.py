@@ -264,7 +264,9 @@ class ResizeForSAMd(MapTransform):
     The image is resized bicubically with anti-aliasing (``skimage.transform.resize``, order 3,
     ``preserve_range=True``) to ``size x size`` regardless of aspect ratio, as MedSAM does. The
     mask is resized nearest-neighbour from its native resolution both to ``size`` (``label_key``)
-    and to ``size // 4`` (``lowres_key``). Metadata (native shape, spacing, file name) is kept.
+    and to the decoder's output size (``lowres_key``): ``size // 4`` for SAM's ViT, ``size`` for
+    LiteMedSAM (its 64x64 embedding at 256 px gives 256x256 logits). Metadata (native shape, spacing,
+    file name) is kept.
     """
 
     def __init__(
@@ -274,6 +276,7 @@ class ResizeForSAMd(MapTransform):
         size: int = 1024,
         lowres_key: str = "label_lowres",
         allow_missing_keys: bool = False,
+        lowres_size: int | None = None,
     ) -> None:
         """Create the transform.
 
@@ -281,14 +284,19 @@ class ResizeForSAMd(MapTransform):
             image_key: Key of the channel-first image.
             label_key: Key of the binary ``(1, H, W)`` mask.
             size: Model input size (1024 for SAM ViT-B); must be a multiple of 4.
-            lowres_key: Key receiving the ``size // 4`` mask.
+            lowres_key: Key receiving the mask at the decoder's output size.
             allow_missing_keys: Skip absent keys instead of raising ``KeyError``.
+            lowres_size: The decoder's output size (a model's ``MedSAM.low_res_size``); ``None`` for SAM's
+                ``size // 4``.
         """
         super().__init__((image_key, label_key), allow_missing_keys)
         if size < _LOWRES_FACTOR or size % _LOWRES_FACTOR:
             raise ValueError(f"size must be a positive multiple of {_LOWRES_FACTOR}, got {size}")
+        if lowres_size is not None and int(lowres_size) < 1:
+            raise ValueError(f"lowres_size must be positive, got {lowres_size}")
         self.image_key, self.label_key, self.lowres_key = image_key, label_key, lowres_key
         self.size = size
+        self.lowres_size = int(lowres_size) if lowres_size is not None else size // _LOWRES_FACTOR
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Resize the image and produce the model-size and low-resolution masks."""
@@ -299,7 +307,7 @@ class ResizeForSAMd(MapTransform):
         if self.label_key in d:
             mask = d[self.label_key]
             d[self.label_key] = _like(resize_mask(_plain(mask), self.size), mask)
-            d[self.lowres_key] = _like(resize_mask(_plain(mask), self.size // _LOWRES_FACTOR), mask)
+            d[self.lowres_key] = _like(resize_mask(_plain(mask), self.lowres_size), mask)
         elif not self.allow_missing_keys:
             raise KeyError(f"Key {self.label_key!r} not found")
         return d
@@ -432,6 +440,7 @@ def medsam_preprocess(
     deterministic: bool = True,
     label_value: float | None = None,
     empty_mask: str = "full_box",
+    lowres_size: int | None = None,
 ) -> Compose:
     """MedSAM preprocessing for items with ``image``/``label`` paths or arrays.
 
@@ -444,6 +453,7 @@ def medsam_preprocess(
             so caching datasets store it.
         label_value: Select one value of a multi-label mask (see :class:`BinarizeMaskd`).
         empty_mask: ``"full_box"`` or ``"error"`` for masks that are empty at model size.
+        lowres_size: The decoder's output size (``None``: ``size // 4``, SAM's; LiteMedSAM's is ``size``).
 
     Returns:
         A Compose producing ``image`` float32 ``[3, S, S]`` in [0, 1], ``label`` float32
@@ -463,7 +473,7 @@ def medsam_preprocess(
             LoadImage2Dd(keys=("image", "label")),
             EnsureThreeChanneld(keys=("image",)),
             BinarizeMaskd(keys=("label",), label_value=label_value),
-            ResizeForSAMd(size=size),
+            ResizeForSAMd(size=size, lowres_size=lowres_size),
             MinMaxScaled(keys=("image",)),
             box,
         ]

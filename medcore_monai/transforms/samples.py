@@ -116,16 +116,30 @@ def preprocess_split(
     cache: str = "memory",
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    lowres_size: int | None = None,
 ):
-    """A cached dataset of preprocessed samples (deterministic per-sample box jitter)."""
+    """A cached dataset of preprocessed samples (deterministic per-sample box jitter).
+
+    ``lowres_size`` is the decoder's output size (``None``: ``size // 4``, SAM's; LiteMedSAM's is ``size``).
+    """
     transform = medsam_preprocess(
-        size=size, bbox_shift=bbox_shift, seed=seed, deterministic=True, label_value=label_value
+        size=size,
+        bbox_shift=bbox_shift,
+        seed=seed,
+        deterministic=True,
+        label_value=label_value,
+        lowres_size=lowres_size,
     )
     return build_dataset(list(items), transform, cache=cache, cache_dir=cache_dir, progress=progress)
 
 
 def tight_box_samples(
-    data: SplitData, size: int, split: str = "calibration", seed: int = 0, label_value: int | None = None
+    data: SplitData,
+    size: int,
+    split: str = "calibration",
+    seed: int = 0,
+    label_value: int | None = None,
+    lowres_size: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Preprocessed samples of one split with tight boxes, per dataset, named ``<dataset>/<sample>``.
 
@@ -134,6 +148,6 @@ def tight_box_samples(
     """
     out = {}
     for dataset in data.items:
-        samples = preprocess_split(data.split(dataset, split), size, 0, seed, label_value)
+        samples = preprocess_split(data.split(dataset, split), size, 0, seed, label_value, lowres_size=lowres_size)
         out[dataset] = [dict(samples[i]) | {"name": f"{dataset}/{samples[i]['name']}"} for i in range(len(samples))]
     return out
