@@ -231,16 +231,23 @@ def _prune_settings(checkpoint, root, out, **extra):
     } | extra
 
 
-@pytest.mark.slow
-def test_prune_run_slims_a_tinyvit_model_without_a_parent(polyps, tmp_path):
-    import json
-
+@pytest.fixture(scope="module")
+def pruned_run(polyps, tmp_path_factory):
+    """A pruning run (zero scores, no parent) of a small TinyViT, with the leverage analysis."""
     from medcore_monai.prune import run_prune
 
-    checkpoint = save_sam(_small_sam(seed=4), tmp_path / "lite_small.pt")
-    out = tmp_path / "run"
-    report = run_prune(**_prune_settings(checkpoint, polyps, out))
+    folder = tmp_path_factory.mktemp("lite_prune")
+    checkpoint = save_sam(_small_sam(seed=4), folder / "lite_small.pt")
+    out = folder / "run"
+    settings = {"leverage": True, "leverage_head_levels": [0.3, 0.6], "leverage_mlp_levels": [0.3, 0.6]}
+    return run_prune(**_prune_settings(checkpoint, polyps, out, **settings)), out
 
+
+@pytest.mark.slow
+def test_prune_run_slims_a_tinyvit_model_without_a_parent(pruned_run):
+    import json
+
+    report, out = pruned_run
     heads, channels = report["budgets"]
     assert heads["total"] == 12 and heads["achieved"] == 6  # 2 + 2 + 2 + 2 + 4 dense heads, half removed
     assert channels["total"] == 2 * 128 + 2 * 160 + 320 and channels["achieved"] == channels["total"] // 2
@@ -249,8 +256,46 @@ def test_prune_run_slims_a_tinyvit_model_without_a_parent(polyps, tmp_path):
     assert count_parameters(pruned.image_encoder) == report["cost"]["after"]["encoder_params"]
     assert report["cost"]["after"]["encoder_flops"] < report["cost"]["before"]["encoder_flops"]
     assert json.loads((out / "report.json").read_text())["budgets"] == report["budgets"]
-    for name in ("report.md", "scores.npz", "kept_per_block.png"):
+    assert np.isfinite(report["leverage"]["summary"]["blr95"])
+    for name in ("report.md", "scores.npz", "kept_per_block.png", "leverage/leverage_histogram.png"):
         assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_evaluate_and_fine_tune_the_pruned_tinyvit(pruned_run, polyps, tmp_path):
+    import json
+
+    from medcore_monai.bundle import run_workflow
+
+    report, out = pruned_run
+    widths = load_sam(out / "model_pruned.pt").medcore_config
+    run_workflow(
+        "evaluate",
+        ("train.yaml", "evaluate.yaml"),
+        output_dir=str(out),
+        data_roots=[str(polyps)],
+        corruptions=["gauss_noise"],
+        severities=[2],
+        latency=False,
+        progress=False,
+        device="cpu",
+    )
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["split"] == "test" and evaluation["n"][polyps.name] == report["evaluation"]["n"][polyps.name]
+    assert all(np.isfinite(v) for k, v in evaluation["metrics"]["macro"].items() if isinstance(v, float))
+
+    finetuned = tmp_path / "finetuned"
+    run_workflow(
+        "run",
+        ("train.yaml",),
+        checkpoint=str(out / "model_pruned.pt"),
+        data_roots=[str(polyps)],
+        ckpt_dir=str(finetuned),
+        epochs=1,
+        progress=False,
+        device="cpu",
+    )
+    assert load_sam(finetuned / "model.pt").medcore_config == widths  # fine-tuning keeps the pruned widths
 
 
 def test_scores_that_need_a_parent_fail_at_start_without_one_or_with_another_architecture(polyps, tmp_path):
@@ -263,3 +308,36 @@ def test_scores_that_need_a_parent_fail_at_start_without_one_or_with_another_arc
     torch.save(build_sam("tiny", seed=0).state_dict(), vit)
     with pytest.raises(ValueError, match="is not a parent of medsam_ckpt"):
         run_prune(**_prune_settings(checkpoint, polyps, tmp_path / "b", score="reset", sam_ckpt=str(vit)))
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "onnx"])
+def test_a_compact_tinyvit_encoder_exports_and_matches_eager(tmp_path, kind):
+    from medcore_monai.networks.export import export_onnx, export_torchscript, write_export_manifest
+
+    sam = _small_sam(seed=6)
+    masks = StructuredMasks.full(encoder_structure(sam.image_encoder))
+    masks.heads[2][1] = False
+    masks.channels[4][::2] = False
+    slim_encoder_(sam.image_encoder, masks)
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        eager = sam.image_encoder(images)
+    if kind == "torchscript":
+        path = export_torchscript(sam, tmp_path / "encoder.ts")
+        exported = torch.jit.load(str(path))(images)
+    else:
+        pytest.importorskip("onnxruntime")
+        import onnxruntime
+
+        path = export_onnx(sam, tmp_path / "encoder.onnx")
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        exported = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    torch.testing.assert_close(exported, eager, atol=1e-4, rtol=1e-4)
+    import json
+
+    manifest = json.loads(write_export_manifest(sam, tmp_path / "export.json").read_text())
+    assert manifest["io"]["output"]["shape"] == ["batch", 256, 16, 16] and manifest["config"]["family"] == "tinyvit"
+    assert manifest["blocks"][2]["num_heads"] == 1 and manifest["blocks"][4]["mlp_dim"] == 160

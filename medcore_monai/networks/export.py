@@ -98,10 +98,10 @@ def _default_example_input(encoder: nn.Module) -> torch.Tensor:
     """A random image batch ``[1, C, S, S]`` in [0, 1] at the encoder's native size."""
     try:
         size = int(encoder.img_size)
-        channels = int(encoder.patch_embed.proj.in_channels)
+        channels = int(getattr(encoder, "in_chans", 0) or encoder.patch_embed.proj.in_channels)
     except AttributeError:
         raise ExportError(
-            f"{type(encoder).__name__} is not a SAM ImageEncoderViT; pass example_inputs explicitly"
+            f"{type(encoder).__name__} is not a SAM or TinyViT image encoder; pass example_inputs explicitly"
         ) from None
     generator = torch.Generator().manual_seed(0)
     return torch.rand(1, channels, size, size, generator=generator)
