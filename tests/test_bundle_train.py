@@ -246,3 +246,35 @@ def test_a_misspelt_component_argument_fails_naming_it():
         chain.append(str(error))
         error = error.__cause__
     assert any("min_keep_head" in message for message in chain)
+
+
+def test_evaluating_a_small_folder_counts_ct_like_values_under_the_mr_rule(tmp_path, capfd):
+    """Two volumes (too few to split) evaluated with eval_split all; the CT-like one is warned about and counted."""
+    import json
+
+    import nibabel as nib
+
+    from medcore_monai.bundle import run_workflow
+
+    root = tmp_path / "mixed"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for name, low in (("ct_case", -1000.0), ("mr_case", 0.0)):
+        volume = rng.normal(300, 50, (40, 40, 6)).astype(np.float32)
+        volume[:5] = low
+        label = np.zeros(volume.shape, np.uint8)
+        label[10:25, 12:30, 1:5] = 1
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), root / "images" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "masks" / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    run_workflow(
+        "evaluate", ("train.yaml", "evaluate.yaml"), output_dir=str(out),
+        checkpoint=str(REPO / "bundle" / "models" / "medsam_tiny.pth"), data_roots=[str(root)], eval_split="all",
+        latency=False, progress=False, device="cpu",
+    )  # fmt: skip
+    metrics = json.loads((out / "evaluation" / "evaluation.json").read_text())["metrics"]["mixed"]
+    assert metrics["n"] == 2 and metrics["suspicious_values"] == 1
+    captured = capfd.readouterr()
+    log = captured.out + captured.err  # the bundle's logging.conf writes to standard output
+    assert "ct_case.nii.gz has values down to -1000 (CT-like)" in log and "mr_case.nii.gz has" not in log

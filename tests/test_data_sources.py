@@ -359,3 +359,23 @@ def test_hippocampus_slices_through_pipeline(hippocampus_root: Path) -> None:
         assert out["label"].sum() > 0
         assert out["spacing"].tolist() == [1.0, 1.0]
         assert out["original_shape"].tolist() == list(sample["image"].shape)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_an_image_with_non_finite_values_is_refused_naming_the_file(tmp_path: Path, bad: float) -> None:
+    from medcore_monai.data.errors import DataError
+    from medcore_monai.transforms import EnsureFinited, ReadImaged
+
+    volume = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
+    volume[1, 2, 3] = bad
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "case.nii.gz")
+    nib.save(nib.Nifti1Image((volume > 0.5).astype(np.uint8), np.eye(4)), tmp_path / "mask.nii.gz")
+    item = {"image": str(tmp_path / "case.nii.gz"), "label": str(tmp_path / "mask.nii.gz")}
+    reader = ReadImaged(keys=["image", "label"], image_only=True, ensure_channel_first=True)
+    with pytest.raises(DataError, match=r"case\.nii\.gz holds 1 NaN or infinite values of 256"):
+        reader(item)
+    finite = volume.copy()
+    finite[1, 2, 3] = 0.0
+    nib.save(nib.Nifti1Image(finite, np.eye(4)), tmp_path / "case.nii.gz")
+    loaded = reader(item)
+    assert EnsureFinited(keys=["image", "label"])(loaded) is not None  # finite data pass unchanged

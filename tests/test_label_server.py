@@ -80,6 +80,9 @@ def _studies(folder: Path) -> Path:
     Image.fromarray(rgb).save(folder / "ellipse.png")
     Image.fromarray(rgb).save(folder / "ellipse_photo.jpg", quality=90)
     shutil.copy(HIPPOCAMPUS / "images" / f"{VOLUME_CASE}.nii.gz", folder / f"{VOLUME_CASE}.nii.gz")
+    broken = np.ones((12, 10, 4), dtype=np.float32)
+    broken[3, 4, 1] = np.nan  # a corrupt volume: the client must hear why, not get a NaN mask
+    nib.save(nib.Nifti1Image(broken, np.eye(4)), folder / "broken_volume.nii.gz")
     return folder
 
 
@@ -306,6 +309,7 @@ def test_volume_request_returns_a_3d_mask_with_the_volume_geometry(server, tmp_p
         ("ellipse", {"roi": [1, 2, 3]}, "must be 4 numbers"),
         ("ellipse", {"roi": [500, 500, 600, 600]}, "outside the image"),
         (VOLUME_CASE, {}, "a volume needs a box prompt"),
+        ("broken_volume", {"roi": [0, 0, 5, 5, 0, 2]}, "holds 1 NaN or infinite values"),
     ],
 )
 def test_bad_requests_get_a_message_the_client_can_read(server, image, params, message):

@@ -84,7 +84,7 @@ class SplitDatalists:
     slice_axis: int = 2
     split_manifest: str | None = None
     items: dict[str, list[dict[str, Any]]] = field(init=False, repr=False)
-    manifest: SplitManifest = field(init=False, repr=False)
+    _manifest: SplitManifest | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         roots = [str(r) for r in ([self.data_roots] if isinstance(self.data_roots, str) else self.data_roots)]
@@ -98,11 +98,16 @@ class SplitDatalists:
         self.items = {name: _root_items(root, name) for root, name in zip(roots, names)}
         self._samples_by_dataset = {name: self._samples(name, items) for name, items in self.items.items()}
         if self.split_manifest is not None:
-            self.manifest = SplitManifest.load(self.split_manifest)
-        else:
-            self.manifest = split_each_dataset(
+            self._manifest = SplitManifest.load(self.split_manifest)
+
+    @property
+    def manifest(self) -> SplitManifest:
+        """The split manifest: the given ``split_manifest``, else drawn on first use (``all`` needs none)."""
+        if self._manifest is None:
+            self._manifest = split_each_dataset(
                 self._samples_by_dataset.values(), self.seed, self.val_fraction, self.test_fraction, self.cal_size
             )
+        return self._manifest
 
     def _samples(self, name: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Sample-level entries (name, dataset, volume) that the split manifest lists."""
@@ -124,20 +129,19 @@ class SplitDatalists:
     def split(self, split: str, dataset: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Items of one split (all datasets, or one): 2-D items, or volumes with their ``slices``.
 
-        ``split`` is a manifest split (``train``, ``val``, ``test``, ``calibration``) or ``all`` (train, val and
-        test: every image of the data roots). ``limit`` keeps the first items (images or volumes) per dataset.
-        Volume items keep the manifest's order of first appearance; their ``slices`` are in manifest order.
+        ``split`` is a manifest split (``train``, ``val``, ``test``, ``calibration``) or ``all`` (every image of the
+        data roots in their order, with no split drawn: a folder too small to split can still be evaluated).
+        ``limit`` keeps the first items (images or volumes) per dataset. Volume items keep the manifest's order of
+        first appearance; their ``slices`` are in manifest order.
         """
-        parts = ("train", "val", "test") if split == "all" else (split,)
-        if any(part not in SPLIT_NAMES for part in parts):
+        if split != "all" and split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {(*SPLIT_NAMES, 'all')}, got {split!r}")
         if limit is not None and int(limit) < 1:
             raise ValueError(f"limit must be a positive number of items, got {limit!r}")
         out: list[dict[str, Any]] = []
         for name in [dataset] if dataset else self.items:
-            selected = [
-                s for part in parts for s in apply_split(self._samples_by_dataset[name], self.manifest, part, name)
-            ]
+            samples = self._samples_by_dataset[name]
+            selected = samples if split == "all" else apply_split(samples, self.manifest, split, name)
             items = self._as_items(name, selected)
             if limit is not None and len(items) > int(limit):
                 logger.warning("%s: %s split truncated to %d of %d items", name, split, int(limit), len(items))

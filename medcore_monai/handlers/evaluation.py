@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from ..engines.measure import measure_latency, model_cost
 from ..files import write_json_atomic
 from ..networks import file_sha256
+from ..transforms.volumes import VALUE_WARNING
 
 __all__ = ["DatasetMetrics", "EvaluationReport", "macro_average", "metric_key"]
 
@@ -35,7 +36,7 @@ def metric_key(name: str) -> str:
     return name[len("val_") :] if name.startswith("val_") else name
 
 
-_COUNTS = ("n", "units", "empty_masks")
+_COUNTS = ("n", "units", "empty_masks", "suspicious_values")
 
 
 def macro_average(per_dataset: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -64,6 +65,7 @@ class DatasetMetrics:
         self.items: list[tuple[str, str, bool]] = []
         self.results: dict[str, dict[str, Any]] = {}
         self.empty: dict[str, int] = {}
+        self.suspicious: dict[str, int] = {}
 
     def attach(self, engine: Engine) -> None:
         """Reset at start, record items per iteration, summarise when the run completes."""
@@ -72,7 +74,7 @@ class DatasetMetrics:
         engine.add_event_handler(Events.COMPLETED, self._summarise)
 
     def _reset(self, _: Engine) -> None:
-        self.items, self.results, self.empty = [], {}, {}
+        self.items, self.results, self.empty, self.suspicious = [], {}, {}, {}
 
     def _record(self, engine: Engine) -> None:
         batch = engine.state.batch
@@ -84,6 +86,9 @@ class DatasetMetrics:
                 # a policy, not an error: scored (both-empty is a match), warned about, counted in the report
                 logger.warning("%s: the mask of %s is empty; its box prompt is the whole image", dataset, name)
                 self.empty[dataset] = self.empty.get(dataset, 0) + 1
+            image = item.get("image")
+            if isinstance(image, MetaTensor) and image.meta.get(VALUE_WARNING):  # warned when it was loaded
+                self.suspicious[dataset] = self.suspicious.get(dataset, 0) + 1
 
     def _summarise(self, engine: Engine) -> None:
         details = getattr(engine.state, "metric_details", {}) or {}
@@ -93,6 +98,7 @@ class DatasetMetrics:
             volumes = {self.items[i][2] for i in rows}
             summary: dict[str, Any] = {"n": len(rows), "units": "mm, per volume" if volumes == {True} else "pixels"}
             summary["empty_masks"] = self.empty.get(dataset, 0)
+            summary["suspicious_values"] = self.suspicious.get(dataset, 0)
             for name, values in details.items():
                 per_item = torch.as_tensor(values).reshape(len(self.items), -1).float().mean(dim=1)
                 chosen = [float(per_item[i]) for i in rows]

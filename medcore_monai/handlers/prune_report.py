@@ -100,6 +100,7 @@ class PruneReport:
                 "max_images": self.max_eval_images,
                 "n": {d: r.get("n") for d, r in before.items() if d != "macro"},
                 "empty_masks": {d: r.get("empty_masks", 0) for d, r in before.items() if d != "macro"},
+                "suspicious_values": {d: r.get("suspicious_values", 0) for d, r in before.items() if d != "macro"},
             },
             "budgets": pruning.budgets,
             "kept_heads": kept_heads,

@@ -165,6 +165,9 @@ def _evaluation_section(evaluation: Any) -> list[str]:
     truncated = f", at most {limit} per dataset (max_eval_images)" if limit else ""
     empty = sum((evaluation.get("empty_masks") or {}).values())
     note = f" {empty} test masks were empty (scored; their box prompt was the whole image)." if empty else ""
+    suspicious = sum((evaluation.get("suspicious_values") or {}).values())
+    if suspicious:
+        note += f" {suspicious} test images had suspicious values (CT-like under the MR rule; see the log)."
     return [f"Evaluated on the {evaluation.get('split', '?')} split{truncated}.{note}", ""]
 
 

@@ -13,7 +13,7 @@ from medcore_monai.transforms.corruptions import (
     with_random_corruption,
 )
 from medcore_monai.transforms.labels import MAX_LABELS, BinarizeLabeld, binarize_label
-from medcore_monai.transforms.loading import ReadImaged
+from medcore_monai.transforms.loading import EnsureFinited, ReadImaged
 from medcore_monai.transforms.medsam import (
     EMPTY_MASK_POLICIES,
     BinarizeMaskd,
@@ -33,6 +33,7 @@ from medcore_monai.transforms.volumes import ByDatasetd, ClipNonzeroPercentilesd
 
 __all__ = [
     "MAX_LABELS",
+    "EnsureFinited",
     "ReadImaged",
     "BinarizeLabeld",
     "ByDatasetd",

@@ -1,9 +1,11 @@
-"""MONAI's ``LoadImaged`` with one clear error per unreadable file.
+"""MONAI's ``LoadImaged`` with one clear error per unreadable file, and a check that values are finite.
 
 When a file cannot be read, ``LoadImaged`` tries every other registered reader and raises one ``RuntimeError``
 listing all of their failures (nibabel's, numpy's, ...), which buries the reason. :class:`ReadImaged` loads the
 same way and, on failure, raises a :class:`~medcore_monai.data.errors.DataError` naming the file and what is wrong
-with it, read with the reader that owns its format.
+with it, read with the reader that owns its format. A NaN or infinite value (a corrupt or badly converted volume)
+would flow through every scaling step and come out as a NaN prediction or metric; :class:`EnsureFinited` (which
+:class:`ReadImaged` applies itself) stops it at the file instead.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
-from monai.transforms import LoadImaged
+import torch
+from monai.transforms import LoadImaged, MapTransform
 
 from ..data.errors import DataError
 from ..data.io import IMAGE_SUFFIXES_2D, read_image_2d
 from ..data.readers import Image2DReader
 
-__all__ = ["ReadImaged"]
+__all__ = ["EnsureFinited", "ReadImaged"]
 
 
 def _reason(path: str) -> str | None:
@@ -61,7 +64,30 @@ class ReadImaged(LoadImaged):
                     raise DataError(reason) from None
             raise error
         _check_same_size(loaded, [key for key in self.key_iterator(loaded)], data)
-        return loaded
+        return _ensure_finite(loaded, list(self.key_iterator(loaded)))
+
+
+class EnsureFinited(MapTransform):
+    """Refuse images holding NaN or infinite values, naming the file and how many values are affected."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Return the data unchanged when every key is finite.
+
+        Raises:
+            DataError: naming the file of the first key with a non-finite value.
+        """
+        return _ensure_finite(dict(data), list(self.key_iterator(dict(data))))
+
+
+def _ensure_finite(data: dict[Hashable, Any], keys: list[Hashable]) -> dict[Hashable, Any]:
+    for key in keys:
+        values = torch.as_tensor(data[key])
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            meta = getattr(data[key], "meta", {}) or {}
+            source = meta.get("filename_or_obj") or key
+            raise DataError(f"{source} holds {bad} NaN or infinite values of {values.numel()}; fix or exclude it")
+    return data
 
 
 def _check_same_size(loaded: Mapping[Hashable, Any], keys: list[Hashable], sources: Mapping[Hashable, Any]) -> None:

@@ -43,6 +43,10 @@ def slice_name(volume: str, index: int) -> str:
     return f"{volume}_s{int(index):03d}"
 
 
+#: Image metadata key holding why an image's values looked suspicious (counted in evaluation reports).
+VALUE_WARNING = "medcore_value_warning"
+
+
 class ClipNonzeroPercentilesd(MapTransform):
     """Clip each image to the percentiles of its non-zero voxels (MedSAM's MR rule; zero is background)."""
 
@@ -68,18 +72,18 @@ class ClipNonzeroPercentilesd(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             values = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            warning = None
             if float(values.min()) < _CT_LIKE_MINIMUM:
-                # a policy, not an error: MR clipping still runs, but the user is told what the values look like
-                logger.warning(
-                    "%s has values down to %.0f: that looks like CT in Hounsfield units, not MR; "
-                    "the MR percentile rule is applied (use configs/ct.yaml for a CT window)",
-                    _filename(image),
-                    float(values.min()),
-                )
+                # a policy, not an error: MR clipping still runs, the user is told what the values look like, and
+                # the evaluation reports count such images (DatasetMetrics reads VALUE_WARNING from the metadata)
+                warning = f"values down to {float(values.min()):.0f} (CT-like) under the MR percentile rule"
+                logger.warning("%s has %s; use configs/ct.yaml for a CT window", _filename(image), warning)
             nonzero = values[values != 0]
             if nonzero.numel():
                 low, high = np.percentile(nonzero.float().cpu().numpy(), (self.lower, self.upper))
                 d[key] = torch.clamp(image.float(), float(low), float(high))
+            if warning is not None and isinstance(d[key], MetaTensor):
+                d[key].meta[VALUE_WARNING] = warning
         return d
 
 
