@@ -27,26 +27,47 @@ class KvasirSetup:
 
     data: SplitData
     medsam: MedSAM
-    reference: MedSAM
+    reference: MedSAM | None
     calibration: dict[str, list[dict[str, Any]]]
     test_items: list[dict[str, Any]]
     test_samples: Any
 
 
-def kvasir_setup(kvasir_root: str, medsam: str, sam: str, cal_size: int, max_test: int | None, device) -> KvasirSetup:
-    """Load the pair and split Kvasir-SEG; test images are decoded once, with deterministic 0-5 px box jitter."""
+def kvasir_setup(
+    kvasir_root: str, medsam: str, sam: str | None, cal_size: int, max_test: int | None, device
+) -> KvasirSetup:
+    """Load the model (and its parent, if any) and split Kvasir-SEG; test images get deterministic 0-5 px jitter.
+
+    The decoder's target size comes from the model (``size // 4`` for SAM's ViT, ``size`` for LiteMedSAM).
+    """
     data = prepare_splits([DatasetSpec(kvasir_root, "kvasir")], seed=SEED, cal_size=cal_size)
     model = MedSAM(load_sam(medsam)).to(device)
-    reference = MedSAM(load_sam(sam), pixel_normalize=True).to(device)
-    calibration = tight_box_samples(data, model.img_size, seed=SEED)
+    reference = MedSAM(load_sam(sam), pixel_normalize=True).to(device) if sam else None
+    calibration = tight_box_samples(data, model.img_size, seed=SEED, lowres_size=model.low_res_size)
     test_items = data.split("kvasir", "test")[:max_test]
-    test_samples = preprocess_split(test_items, model.img_size, bbox_shift=5, seed=SEED)
+    test_samples = preprocess_split(test_items, model.img_size, bbox_shift=5, seed=SEED, lowres_size=model.low_res_size)
     return KvasirSetup(data, model, reference, calibration, test_items, test_samples)
 
 
-def evaluate_summary(model, samples, device) -> dict:
-    """Mean Dice, IoU, BF1, HD95 of ``model`` over preprocessed samples."""
-    return summarise(evaluate_model(model, DataLoader(samples, batch_size=8), device))
+def evaluate_summary(model, samples, device, per_image: bool = False) -> dict:
+    """Mean Dice, IoU, BF1, HD95 of ``model`` over preprocessed samples (and the per-image rows on request)."""
+    rows = evaluate_model(model, DataLoader(samples, batch_size=8), device)
+    summary = summarise(rows)
+    if per_image:
+        summary["per_image"] = {k: [float(r[k]) for r in rows] for k in ("dice", "iou", "bf1", "hd95") if k in rows[0]}
+    return summary
+
+
+def paired_bootstrap(a, b, n_bootstrap: int = 2000, seed: int = 0, ci: float = 0.95) -> dict:
+    """Mean of the per-image difference ``a - b`` with its percentile bootstrap interval (images resampled)."""
+    import numpy as np
+
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(n_bootstrap, diff.size))].mean(axis=1)
+    tail = (1.0 - ci) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "n": int(diff.size)}
 
 
 def write_results(out: str | Path, rows: list[dict], device, threads: int, start: float, **facts: Any) -> None:

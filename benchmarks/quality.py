@@ -4,12 +4,19 @@ Usage::
 
     python benchmarks/quality.py --kvasir-root ../shared/data/kvasir_seg \
         --medsam bundle/models/medsam_tiny.pth --sam bundle/models/sam_tiny.pth --out docs/benchmarks_quality.json
+    # LiteMedSAM: no parent offline, so no dual/reset; budgets by encoder FLOPs; zero with and without the boundary
+    python benchmarks/quality.py --kvasir-root ../shared/data/kvasir_seg --medsam <lite_medsam.pth> \
+        --methods zero zero-plain magnitude random:0 --budgets "-49% FLOPs=0.67" --no-dense-recovery \
+        --out docs/benchmarks_quality_litemedsam.json
 
 The split is the project's standard one (seed 42, 60/20/20, calibration = first ``--cal-size`` training images),
 the same the tiny pair was trained with, so the test images were never used for training, calibration, recovery
 or selection. One calibration (Fisher of the medical model per dataset, of SAM, grouped Taylor) serves every
 method, so all methods share the block budgets and the identical recovery (same steps, same sampled images);
 only the ranking inside blocks differs. The dense model gets the same two recoveries without pruning.
+``zero-plain`` is the zero score without the boundary weighting of the calibration loss: it needs its own Fisher,
+hence its own block budgets. Every pruned row is compared image by image with magnitude and random (seed 0) at the
+same budget: mean difference and a paired bootstrap interval.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import evaluate_summary, kvasir_setup, write_results
+from common import evaluate_summary, kvasir_setup, paired_bootstrap, write_results
 
 from medcore_monai.cascade import recover, run_cascade
 from medcore_monai.engines.measure import model_cost
@@ -33,6 +40,49 @@ from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 METHODS = [("dual", 0), ("zero", 0), ("reset", 0), ("taylor", 0), ("magnitude", 0), ("random", 0), ("random", 1),
            ("random", 2)]  # fmt: skip
 BUDGETS = {"-30%": 0.32, "-60%": 0.63, "-80%": 0.84}
+
+
+def _parse_methods(values: list[str] | None) -> list[tuple[str, int]]:
+    if not values:
+        return METHODS
+    out = []
+    for value in values:
+        name, _, seed = value.partition(":")
+        out.append((name, int(seed or 0)))
+    return out
+
+
+def _parse_budgets(values: list[str] | None) -> dict[str, float]:
+    if not values:
+        return BUDGETS
+    return {label: float(sparsity) for label, _, sparsity in (v.rpartition("=") for v in values)}
+
+
+def _score(medsam, calibration, methods, reference, device):
+    """Scores of every method; ``zero-plain`` from a calibration without the boundary weighting."""
+    plain = [(m, s) for m, s in methods if m == "zero-plain"]
+    weighted = [(m, s) for m, s in methods if m != "zero-plain"]
+    scored = score_model_methods(medsam, calibration, weighted, CascadeConfig(), reference, device, progress=True)
+    if plain:
+        config = CascadeConfig(boundary_fisher_weight=0.0)
+        unweighted = score_model_methods(medsam, calibration, [("zero", 0)], config, None, device, progress=True)
+        scored[("zero-plain", 0)] = unweighted[("zero", 0)]
+    return scored
+
+
+def _comparisons(rows: list[dict]) -> None:
+    """Per-image paired differences against magnitude and random (seed 0) at the same budget, in place."""
+    for row in rows:
+        if "per_image" not in row or "seed" not in row:
+            continue
+        for baseline in ("magnitude", "random"):
+            same = [r for r in rows if r.get("seed") == 0 and r["budget"] == row["budget"]]
+            other = next((r for r in same if r.get("method") == baseline), None)
+            if other is None or other is row:
+                continue
+            row[f"vs_{baseline}"] = {
+                k: paired_bootstrap(row["per_image"][k], other["per_image"][k]) for k in ("dice", "bf1", "hd95")
+            }
 
 
 def _dense_with_recovery(medsam, calibration, recovery: RecoveryConfig, device) -> MedSAM:
@@ -50,7 +100,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kvasir-root", required=True)
     parser.add_argument("--medsam", required=True)
-    parser.add_argument("--sam", required=True)
+    parser.add_argument("--sam", default=None, help="the parent model (dual and reset scores need it)")
+    parser.add_argument("--methods", nargs="+", default=None, help="method[:seed] ... (default: all eight)")
+    parser.add_argument("--budgets", nargs="+", default=None, help="label=sparsity ... (default: -30/-60/-80 %%)")
+    parser.add_argument("--no-dense-recovery", action="store_true", help="skip the dense model's recovery row")
     parser.add_argument("--out", default="docs/benchmarks_quality.json")
     parser.add_argument("--cal-size", type=int, default=128)
     parser.add_argument("--recovery-steps", type=int, default=100)
@@ -70,32 +123,40 @@ def main() -> None:
     medsam, reference, calibration, test_samples = setup.medsam, setup.reference, setup.calibration, setup.test_samples
     recovery = RecoveryConfig(steps=args.recovery_steps, lr=1e-5, seed=42)
 
+    methods, budgets = _parse_methods(args.methods), _parse_budgets(args.budgets)
     rows = [
         {
             "method": "dense (no recovery)",
             "budget": "0%",
             **model_cost(medsam),
-            **evaluate_summary(medsam, test_samples, device),
+            **evaluate_summary(medsam, test_samples, device, per_image=True),
         }
     ]
-    dense = _dense_with_recovery(medsam, calibration, recovery, device)
-    dense_row = {"method": "dense + recovery", "budget": "0%", **model_cost(dense)}
-    rows.append(dense_row | evaluate_summary(dense, test_samples, device))
-    print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
+    if not args.no_dense_recovery:
+        dense = _dense_with_recovery(medsam, calibration, recovery, device)
+        dense_row = {"method": "dense + recovery", "budget": "0%", **model_cost(dense)}
+        rows.append(dense_row | evaluate_summary(dense, test_samples, device, per_image=True))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
 
-    scored = score_model_methods(medsam, calibration, METHODS, CascadeConfig(), reference, device, progress=False)
-    for budget, sparsity in BUDGETS.items():
+    scored = _score(medsam, calibration, methods, reference, device)
+    for budget, sparsity in budgets.items():
         for (method, seed), precomputed in scored.items():
             model = copy.deepcopy(medsam)
             config = CascadeConfig(
-                head_sparsity=sparsity, mlp_sparsity=sparsity, score=method, seed=seed, recovery=recovery
+                head_sparsity=sparsity,
+                mlp_sparsity=sparsity,
+                score="zero" if method == "zero-plain" else method,
+                seed=seed,
+                recovery=recovery,
             )
             result = run_cascade(model, calibration, config, reference, device, progress=False, precomputed=precomputed)
             row = {"method": method, "seed": seed, "budget": budget, **model_cost(model)}
             row["achieved"] = [r.achieved_sparsity for r in result.budgets]
-            row |= evaluate_summary(model, test_samples, device)
+            row |= evaluate_summary(model, test_samples, device, per_image=True)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "per_image"}), flush=True)
+    _comparisons(rows)
 
     write_results(
         args.out,
@@ -111,8 +172,12 @@ def main() -> None:
 
 
 def curve_rows(rows: list[dict]) -> list[dict]:
-    """One row per (method, budget): seeds averaged, with ``<metric>_std``; the dense model starts every line."""
-    dense = next(r for r in rows if r["method"] == "dense + recovery")
+    """One row per (method, budget): seeds averaged, with ``<metric>_std``; the dense model starts every line.
+
+    The dense start is the dense model after the same recoveries when that row was measured, else the dense model.
+    """
+    by_method = {r["method"]: r for r in rows}
+    dense = by_method.get("dense + recovery") or by_method["dense (no recovery)"]
     grouped: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         if "seed" in row:
