@@ -262,7 +262,7 @@ def test_prune_run_slims_a_tinyvit_model_without_a_parent(pruned_run):
 
 
 @pytest.mark.slow
-def test_evaluate_and_fine_tune_the_pruned_tinyvit(pruned_run, polyps, tmp_path):
+def test_evaluate_fine_tune_export_and_infer_the_pruned_tinyvit(pruned_run, polyps, tmp_path):
     import json
 
     from medcore_monai.bundle import run_workflow
@@ -296,6 +296,14 @@ def test_evaluate_and_fine_tune_the_pruned_tinyvit(pruned_run, polyps, tmp_path)
         device="cpu",
     )
     assert load_sam(finetuned / "model.pt").medcore_config == widths  # fine-tuning keeps the pruned widths
+
+    run_workflow("export", ("export.yaml",), output_dir=str(out), formats=["torchscript"])
+    encoder = torch.jit.load(str(out / "export" / "image_encoder.ts"))
+    assert encoder(torch.rand(1, 3, 64, 64)).shape == (1, 256, 16, 16)
+    run_workflow("infer", ("train.yaml", "infer.yaml"), output_dir=str(out), data_roots=[str(polyps)], device="cpu")
+    for image_path in sorted((polyps / "images").iterdir()):
+        prediction = Image.open(out / "predictions" / polyps.name / image_path.name)
+        assert prediction.size == Image.open(image_path).size
 
 
 def test_scores_that_need_a_parent_fail_at_start_without_one_or_with_another_architecture(polyps, tmp_path):
