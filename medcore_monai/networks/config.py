@@ -21,8 +21,46 @@ __all__ = [
 PROMPT_EMBED_DIM = 256
 
 
+class _PerBlockWidths:
+    """What both architecture descriptions derive from their dense widths and optional per-block (compact) widths.
+
+    Subclasses provide ``grid_size``, ``dense_heads``, ``dense_mlp_dims`` and the fields ``block_heads`` /
+    ``block_mlp_dims`` (``None``: dense).
+    """
+
+    block_heads: tuple[int, ...] | None
+    block_mlp_dims: tuple[int, ...] | None
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the mask decoder's low-resolution logits (4x the embedding grid)."""
+        return 4 * self.grid_size
+
+    @property
+    def is_compact(self) -> bool:
+        """Whether any block is narrower than the dense width."""
+        return self.block_heads is not None or self.block_mlp_dims is not None
+
+    def heads_of(self, block: int) -> int:
+        """Number of attention heads of (prunable) block ``block``."""
+        return self.block_heads[block] if self.block_heads is not None else self.dense_heads[block]
+
+    def mlp_dim_of(self, block: int) -> int:
+        """MLP hidden width of (prunable) block ``block``."""
+        return self.block_mlp_dims[block] if self.block_mlp_dims is not None else self.dense_mlp_dims[block]
+
+    def with_widths(self, heads: Sequence[int], mlp_dims: Sequence[int]):
+        """Copy with per-block widths (all-dense collapses to ``None``)."""
+        heads_t, mlp_t = tuple(int(h) for h in heads), tuple(int(m) for m in mlp_dims)
+        return replace(
+            self,
+            block_heads=None if heads_t == self.dense_heads else heads_t,
+            block_mlp_dims=None if mlp_t == self.dense_mlp_dims else mlp_t,
+        )
+
+
 @dataclass(frozen=True)
-class SamConfig:
+class SamConfig(_PerBlockWidths):
     """Everything needed to rebuild a SAM model with segment-anything's classes.
 
     ``block_heads`` / ``block_mlp_dims`` hold per-block widths of a compact (physically pruned)
@@ -87,34 +125,6 @@ class SamConfig:
         """Token grid side length (image embedding size)."""
         return self.img_size // self.patch_size
 
-    @property
-    def low_res_size(self) -> int:
-        """Side of the mask decoder's low-resolution logits (4x the token grid)."""
-        return 4 * self.grid_size
-
-    @property
-    def is_compact(self) -> bool:
-        """Whether any block is narrower than the dense width."""
-        return self.block_heads is not None or self.block_mlp_dims is not None
-
-    def heads_of(self, block: int) -> int:
-        """Number of attention heads of ``block``."""
-        return self.block_heads[block] if self.block_heads is not None else self.num_heads
-
-    def mlp_dim_of(self, block: int) -> int:
-        """MLP hidden width of ``block``."""
-        return self.block_mlp_dims[block] if self.block_mlp_dims is not None else self.mlp_dim
-
-    def with_widths(self, heads: Sequence[int], mlp_dims: Sequence[int]) -> SamConfig:
-        """Copy with per-block widths (``None`` entries collapse to dense)."""
-        heads_t = tuple(int(h) for h in heads)
-        mlp_t = tuple(int(m) for m in mlp_dims)
-        return replace(
-            self,
-            block_heads=None if all(h == self.num_heads for h in heads_t) else heads_t,
-            block_mlp_dims=None if all(m == self.mlp_dim for m in mlp_t) else mlp_t,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary (round-trips through :meth:`from_dict`)."""
         out = asdict(self)
@@ -139,7 +149,7 @@ class SamConfig:
 
 
 @dataclass(frozen=True)
-class TinyViTConfig:
+class TinyViTConfig(_PerBlockWidths):
     """Architecture of a SAM with LiteMedSAM's TinyViT image encoder (:class:`.tiny_vit.TinyViTEncoder`).
 
     Stage 0 is MBConv; stages 1-3 hold the attention blocks, numbered 0..``depth - 1`` across stages, whose
@@ -209,33 +219,6 @@ class TinyViTConfig:
         for stride in self.merge_strides:
             side //= stride
         return side
-
-    @property
-    def low_res_size(self) -> int:
-        """Side of the mask decoder's low-resolution logits (4x the embedding grid)."""
-        return 4 * self.grid_size
-
-    @property
-    def is_compact(self) -> bool:
-        """Whether any block is narrower than the dense width."""
-        return self.block_heads is not None or self.block_mlp_dims is not None
-
-    def heads_of(self, block: int) -> int:
-        """Number of attention heads of attention block ``block``."""
-        return self.block_heads[block] if self.block_heads is not None else self.dense_heads[block]
-
-    def mlp_dim_of(self, block: int) -> int:
-        """MLP hidden width of attention block ``block``."""
-        return self.block_mlp_dims[block] if self.block_mlp_dims is not None else self.dense_mlp_dims[block]
-
-    def with_widths(self, heads: Sequence[int], mlp_dims: Sequence[int]) -> TinyViTConfig:
-        """Copy with per-block widths (all-dense collapses to ``None``)."""
-        heads_t, mlp_t = tuple(int(h) for h in heads), tuple(int(m) for m in mlp_dims)
-        return replace(
-            self,
-            block_heads=None if heads_t == self.dense_heads else heads_t,
-            block_mlp_dims=None if mlp_t == self.dense_mlp_dims else mlp_t,
-        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary with ``family: tinyvit`` (round-trips through :func:`config_from_dict`)."""
