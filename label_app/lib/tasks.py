@@ -15,6 +15,8 @@ from fastapi import HTTPException
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 
+from medcore_monai.data.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 _BAD_REQUEST = 422
@@ -26,12 +28,13 @@ def request_problem(error: BaseException) -> str | None:
     """The bundle's message for an error caused by the request, or ``None`` for an internal failure.
 
     MONAI wraps transform errors in ``RuntimeError`` ("applying transform ..."); the cause chain holds the
-    ``ValueError`` the bundle raised with its message.
+    ``DataError`` the bundle raised about the input (a bad ``roi``, a NaN image, a volume without a 3-D box).
+    Any other error is the server's, and stays an internal error.
     """
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, ValueError):
+        if isinstance(error, DataError):
             return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         error = error.__cause__ or error.__context__
     return None

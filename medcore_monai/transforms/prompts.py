@@ -30,6 +30,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from ..data.errors import DataError
+
 __all__ = ["BoxToChanneld", "EnsureSpatial2Dd", "RestoreLoadedShaped", "box_mask", "parse_box"]
 
 _SPATIAL_DIMS = 2
@@ -75,32 +77,32 @@ def parse_box(box: Any, spatial_shape: Sequence[int]) -> tuple[tuple[int, int], 
         ``((x0, x1), (y0, y1))`` or ``((x0, x1), (y0, y1), (z0, z1))`` with ``0 <= start < end <= size``.
 
     Raises:
-        ValueError: if the box has the wrong number of values for the image, non-finite values, an empty or
-            inverted extent, or lies entirely outside the image.
+        DataError: (a ``ValueError``) if the box has the wrong number of values for the image, non-finite values, an
+            empty or inverted extent, or lies entirely outside the image.
     """
     dims = len(spatial_shape)
     if dims not in _BOX_LAYOUT:
-        raise ValueError(f"box prompts need a 2-D image or a volume, got spatial shape {tuple(spatial_shape)}")
+        raise DataError(f"box prompts need a 2-D image or a volume, got spatial shape {tuple(spatial_shape)}")
     layout, fmt = _BOX_LAYOUT[dims], _BOX_FORMAT[dims]
     try:
         values = np.asarray(_plain(box) if isinstance(box, torch.Tensor) else box, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise ValueError(f"box prompt must be numbers {fmt}, got {box!r}") from None
+        raise DataError(f"box prompt must be numbers {fmt}, got {box!r}") from None
     if values.size != 2 * dims:
         kind = "2-D image" if dims == _SPATIAL_DIMS else "volume"
-        raise ValueError(f"box prompt for a {kind} must be {2 * dims} numbers {fmt}, got {values.size}: {box!r}")
+        raise DataError(f"box prompt for a {kind} must be {2 * dims} numbers {fmt}, got {values.size}: {box!r}")
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"box prompt has non-finite values: {box!r}")
+        raise DataError(f"box prompt has non-finite values: {box!r}")
     extents = [(values[a], values[b]) for a, b in layout]
     if not all(start < end for start, end in extents):
-        raise ValueError(f"box prompt {fmt} needs every start below its end, got {box!r}")
+        raise DataError(f"box prompt {fmt} needs every start below its end, got {box!r}")
     bounds = tuple(
         (max(0, math.floor(start)), min(int(size), math.ceil(end)))
         for (start, end), size in zip(extents, spatial_shape)
     )
     if not all(start < end for start, end in bounds):
         shape = " x ".join(str(int(s)) for s in spatial_shape)
-        raise ValueError(f"box prompt {box!r} lies outside the image of size {shape} (index order x, y, z)")
+        raise DataError(f"box prompt {box!r} lies outside the image of size {shape} (index order x, y, z)")
     return bounds
 
 
@@ -155,7 +157,7 @@ class EnsureSpatial2Dd(MapTransform):
                 image = image[..., 0]
             if not 1 + _SPATIAL_DIMS <= image.ndim <= most:
                 allowed = "2-D images or 3-D volumes" if self.allow_volumes else "2-D images"
-                raise ValueError(
+                raise DataError(
                     f"{key!r} has shape {tuple(d[key].shape)} (channel first); this bundle segments {allowed}"
                 )
             d[key] = _like(image, d[key])
@@ -200,9 +202,9 @@ class BoxToChanneld(MapTransform):
         for key in self.key_iterator(d):
             image = _plain(d[key])
             if image.ndim not in (1 + _SPATIAL_DIMS, 1 + _VOLUME_DIMS):
-                raise ValueError(f"{key!r} must be channel-first 2-D or 3-D, got {tuple(image.shape)}")
+                raise DataError(f"{key!r} must be channel-first 2-D or 3-D, got {tuple(image.shape)}")
             if image.ndim == 1 + _VOLUME_DIMS and _is_missing(box):
-                raise ValueError(
+                raise DataError(
                     f"a volume needs a box prompt {self.box_key} = [x0, y0, x1, y1, z0, z1] (voxel indices, ends "
                     "exclusive) saying which slices to segment"
                 )
