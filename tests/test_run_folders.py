@@ -93,3 +93,30 @@ def test_an_unreadable_mask_gives_one_error_naming_the_file(inputs, tmp_path):
     with pytest.raises(DataError, match=r"Cannot read image .*masks/synthetic_\d+\.jpg"):
         _prune(inputs, tmp_path / "out", data_roots=[str(data)])
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_the_command_line_exits_with_one_error_line_and_code_1_never_an_abort(tmp_path):
+    """A truncated mask JPEG used to end in SIGABRT (exit 134) after the right message in about half of the runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    write_synthetic_pairs(data, 12, 96, seed=3)  # the reproduction's data: aborted 2-3 times in 6 before the fix
+    mask = sorted((data / "masks").iterdir())[3]  # one broken download among good masks, still being cached
+    Image.open(mask).convert("L").save(mask.with_suffix(".jpg"), quality=90)
+    mask.unlink()
+    broken = mask.with_suffix(".jpg").read_bytes()
+    mask.with_suffix(".jpg").write_bytes(broken[: len(broken) // 2])
+    configs = "['bundle/configs/train.yaml','bundle/configs/prune.yaml','configs/demo.yaml']"
+    for attempt in range(4):
+        command = [sys.executable, "-m", "monai.bundle", "run", "prune", "--config_file", configs]
+        command += ["--data_roots", f"['{data}']", "--output_dir", str(tmp_path / f"out{attempt}")]
+        done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 1, f"attempt {attempt}: exit {done.returncode}\n{done.stderr[-2000:]}"
+        assert "error: Cannot read image" in done.stderr and "Traceback" not in done.stderr
+        assert "terminate called" not in done.stderr
