@@ -144,7 +144,7 @@ def test_head_groups_follow_the_per_head_qkv_layout():
         names = blk.param_slices()
         rows = values[names["qkv.weight"]].view(blk.num_heads, 3 * blk.head_dim, blk.embed_dim)
         rows += torch.arange(1.0, blk.num_heads + 1)[:, None, None]  # head h's q | k | v rows hold h + 1
-        values[names["qkv.weight"].replace("qkv.weight", "attention_biases")] += 1.0
+        values[names["attention_biases"]] += 1.0
     heads, channels = group_sums(values, structure)
     for blk, sums in zip(structure, heads):
         per_row = 3 * blk.head_dim * blk.embed_dim

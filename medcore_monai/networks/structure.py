@@ -45,6 +45,7 @@ __all__ = [
     "slim_block_",
     "slim_encoder_",
     "kept_indices",
+    "head_qkv_rows",
 ]
 
 
@@ -80,14 +81,23 @@ class BlockStructure:
         """lin1 row + bias + lin2 column of one MLP channel: 1,537 for ViT-B."""
         return 2 * self.embed_dim + 1
 
+    @property
+    def module_path(self) -> str:
+        """The block's module path inside the encoder (``blocks.3``, ``layers.1.blocks.0``)."""
+        return self.path or f"blocks.{self.index}"
+
     def param_slices(self, prefix: str = "") -> dict[str, str]:
-        """Names of the tensors that hold this block's groups (for documentation and scoring)."""
-        p = f"{prefix}{self.path or f'blocks.{self.index}'}."
+        """Names of the tensors that hold this block's groups (for documentation and scoring).
+
+        ``attention_biases`` names the per-head bias table; only TinyViT blocks have that tensor.
+        """
+        p = f"{prefix}{self.module_path}."
         mlp_in, mlp_out = self.mlp_names
         return {
             "qkv.weight": p + "attn.qkv.weight",
             "qkv.bias": p + "attn.qkv.bias",
             "proj.weight": p + "attn.proj.weight",
+            "attention_biases": p + "attn.attention_biases",
             "lin1.weight": p + f"mlp.{mlp_in}.weight",
             "lin1.bias": p + f"mlp.{mlp_in}.bias",
             "lin2.weight": p + f"mlp.{mlp_out}.weight",
@@ -104,8 +114,6 @@ def prunable_blocks(encoder: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
-_blocks = prunable_blocks
-
 
 def _mlp_names(block: nn.Module) -> tuple[str, str]:
     return ("lin1", "lin2") if hasattr(block.mlp, "lin1") else ("fc1", "fc2")
@@ -121,16 +129,33 @@ def _qkv_layout(block: nn.Module) -> str:
     return getattr(block.attn, "qkv_layout", "thirds")
 
 
-def _block_paths(encoder: nn.Module) -> dict[int, str]:
+def _block_paths(encoder: nn.Module, blocks: Sequence[nn.Module]) -> list[str]:
     names = {id(module): name for name, module in encoder.named_modules()}
-    return {i: names[id(block)] for i, block in enumerate(prunable_blocks(encoder))}
+    return [names[id(block)] for block in blocks]
+
+
+def head_qkv_rows(heads: torch.Tensor, head_dim: int, layout: str, total_heads: int) -> torch.Tensor:
+    """Rows of ``attn.qkv`` that the given heads own, in head order.
+
+    Args:
+        heads: head indices.
+        head_dim: width of one head.
+        layout: ``thirds`` (SAM: q, k, v are thirds of the rows) or ``per_head`` (TinyViT: ``q_h | k_h | v_h``).
+        total_heads: heads of the qkv layer the rows index (needed for ``thirds``).
+    """
+    if layout == "per_head":
+        return (heads[:, None] * 3 * head_dim + torch.arange(3 * head_dim)).flatten()
+    cols = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    width = total_heads * head_dim
+    return torch.cat([cols, cols + width, cols + 2 * width])
 
 
 def encoder_structure(encoder: nn.Module) -> list[BlockStructure]:
     """Describe every prunable block of a (dense or compact) SAM or TinyViT image encoder."""
     out = []
-    paths = _block_paths(encoder)
-    for i, blk in enumerate(prunable_blocks(encoder)):
+    blocks = prunable_blocks(encoder)
+    paths = _block_paths(encoder, blocks)
+    for i, blk in enumerate(blocks):
         attn = blk.attn
         heads = attn.num_heads
         biases = getattr(attn, "attention_biases", None)
@@ -208,7 +233,6 @@ def group_sums(
     heads, channels = [], []
     for blk in structure:
         names = blk.param_slices(prefix)
-        biases = values.get(names["qkv.weight"].replace("qkv.weight", "attention_biases")) if blk.bias_offsets else None
         heads.append(
             head_group_sums(
                 values[names["qkv.weight"]],
@@ -216,7 +240,7 @@ def group_sums(
                 values[names["proj.weight"]],
                 blk.num_heads,
                 layout=blk.qkv_layout,
-                attention_biases=biases,
+                attention_biases=values.get(names["attention_biases"]),
             )
         )
         channels.append(
@@ -261,8 +285,7 @@ def block_flops(encoder: nn.Module) -> list[int]:
     size = encoder.img_size
     _, per_module = measure_flops(encoder, torch.zeros(1, _input_channels(encoder), size, size))
     top = type(encoder).__name__  # FlopCounterMode names the root module by its class
-    paths = _block_paths(encoder)
-    return [per_module.get(f"{top}.{paths[i]}", 0) for i in range(len(paths))]
+    return [per_module.get(f"{top}.{path}", 0) for path in _block_paths(encoder, prunable_blocks(encoder))]
 
 
 @dataclass
@@ -331,7 +354,7 @@ def attach_masks(encoder: nn.Module, masks: StructuredMasks) -> _MaskHandles:
     the dense masked model computes what the slimmed model computes.
     """
     handles = []
-    for blk, head_mask, channel_mask in zip(_blocks(encoder), masks.heads, masks.channels):
+    for blk, head_mask, channel_mask in zip(prunable_blocks(encoder), masks.heads, masks.channels):
         head_dim = blk.attn.qkv.out_features // (3 * blk.attn.num_heads)
         proj_mask = head_mask.repeat_interleave(head_dim)
         handles.append(blk.attn.proj.register_forward_pre_hook(_channel_multiplier(proj_mask)))
@@ -386,11 +409,7 @@ def slim_block_(block: nn.Module, keep_heads: Sequence[int] | None, keep_channel
         heads = _validated_indices(keep_heads, attn.num_heads, "heads")
         head_dim = attn.qkv.out_features // (3 * attn.num_heads)
         cols = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-        if _qkv_layout(block) == "per_head":
-            rows = (heads[:, None] * 3 * head_dim + torch.arange(3 * head_dim)).flatten()
-        else:
-            width = attn.num_heads * head_dim
-            rows = torch.cat([cols, cols + width, cols + 2 * width])
+        rows = head_qkv_rows(heads, head_dim, _qkv_layout(block), attn.num_heads)
         # scale stays head_dim**-0.5 (head_dim is unchanged), so the attribute is left as it is.
         attn.qkv = _sliced_linear(attn.qkv, rows=rows)
         attn.proj = _sliced_linear(attn.proj, cols=cols)
@@ -409,6 +428,6 @@ def slim_block_(block: nn.Module, keep_heads: Sequence[int] | None, keep_channel
 
 def slim_encoder_(encoder: nn.Module, masks: StructuredMasks) -> nn.Module:
     """Physically remove every group that ``masks`` marks as removed (indices relative to the current widths)."""
-    for blk, heads, channels in zip(_blocks(encoder), masks.kept_heads(), masks.kept_channels()):
+    for blk, heads, channels in zip(prunable_blocks(encoder), masks.kept_heads(), masks.kept_channels()):
         slim_block_(blk, heads, channels)
     return encoder

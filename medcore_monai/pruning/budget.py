@@ -79,11 +79,8 @@ def block_sensitivity(
             ViT whose blocks are ``blocks.{i}``.
         prefix: key prefix in ``fisher`` (e.g. ``"image_encoder."``).
     """
-    paths = (
-        [f"blocks.{i}." for i in range(blocks)]
-        if isinstance(blocks, int)
-        else [f"{b.path or f'blocks.{b.index}'}." for b in blocks]
-    )
+    names = [f"blocks.{i}" for i in range(blocks)] if isinstance(blocks, int) else [b.module_path for b in blocks]
+    paths = [f"{name}." for name in names]
     sens = torch.zeros(len(paths), dtype=torch.float64)
     for name, values in fisher.items():
         rest = name[len(prefix) :] if name.startswith(prefix) else None

@@ -24,6 +24,7 @@ from ..networks.structure import (
     StructuredMasks,
     attach_masks,
     encoder_structure,
+    head_qkv_rows,
     kept_indices,
     prunable_blocks,
     slim_encoder_,
@@ -126,17 +127,14 @@ def aligned_reference(reference: Mapping[str, torch.Tensor], encoder: nn.Module)
         names, d = structure.param_slices(), structure.head_dim
         head_index = torch.tensor(heads)
         cols = (head_index[:, None] * d + torch.arange(d)).flatten()
-        if structure.qkv_layout == "per_head":
-            rows = (head_index[:, None] * 3 * d + torch.arange(3 * d)).flatten()
-        else:
-            dense_width = reference[names["qkv.weight"]].shape[0] // 3
-            rows = torch.cat([cols, cols + dense_width, cols + 2 * dense_width])
+        dense_heads = reference[names["qkv.weight"]].shape[0] // (3 * d)
+        rows = head_qkv_rows(head_index, d, structure.qkv_layout, dense_heads)
         idx = torch.tensor(channels)
         for name, dim, index in (
             (names["qkv.weight"], 0, rows),
             (names["qkv.bias"], 0, rows),
             (names["proj.weight"], 1, cols),
-            (names["qkv.weight"].replace("qkv.weight", "attention_biases"), 0, head_index),
+            (names["attention_biases"], 0, head_index),
             (names["lin1.weight"], 0, idx),
             (names["lin1.bias"], 0, idx),
             (names["lin2.weight"], 1, idx),
