@@ -269,8 +269,8 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model type {name!r}; choose one of {sorted(SAM_PRESETS)}") from None
 
 
-def _block_indices(state_dict: Mapping[str, torch.Tensor]) -> list[int]:
-    prefix = "image_encoder.blocks."
+def _block_indices(state_dict: Mapping[str, torch.Tensor], prefix: str = "image_encoder.blocks.") -> list[int]:
+    """Indices of the numbered modules under ``prefix`` (a ViT's blocks, or a TinyViT stage's)."""
     return sorted({int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)})
 
 
@@ -337,8 +337,7 @@ _TINY_VIT_KEY = "image_encoder.layers.0.blocks.0.conv1.c.weight"
 
 
 def _stage_blocks(state_dict: Mapping[str, torch.Tensor], stage: int) -> list[int]:
-    prefix = f"image_encoder.layers.{stage}.blocks."
-    return sorted({int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)})
+    return _block_indices(state_dict, f"image_encoder.layers.{stage}.blocks.")
 
 
 def _merge_stride(out_dim: int) -> int:
@@ -359,8 +358,7 @@ def infer_tiny_vit_config(state_dict: Mapping[str, torch.Tensor], name: str | No
     block_heads: list[int] = []
     block_mlps: list[int] = []
     stage = 1
-    while _stage_blocks(state_dict, stage):
-        blocks = _stage_blocks(state_dict, stage)
+    while blocks := _stage_blocks(state_dict, stage):
         first = f"image_encoder.layers.{stage}.blocks.{blocks[0]}."
         dim = int(state_dict[first + "attn.qkv.weight"].shape[1])
         for b in blocks:
