@@ -105,16 +105,16 @@ class PatchMerging(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class ConvLayer(nn.Module):
-    """Stage 0: MBConv blocks on a feature map, then a :class:`PatchMerging`."""
+class Stage(nn.Module):
+    """A stage: its blocks (MBConv on a map, or :class:`TinyViTBlock` on tokens), then an optional merge."""
 
-    def __init__(self, dim: int, depth: int, expand_ratio: float, downsample: PatchMerging | None) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], downsample: PatchMerging | None) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A map in; tokens out (a map when there is no downsample)."""
+        """The blocks in order, then the merge (which returns tokens)."""
         for block in self.blocks:
             x = block(x)
         return x if self.downsample is None else self.downsample(x)
@@ -219,21 +219,6 @@ class TinyViTBlock(nn.Module):
         return out[:, :height, :width].contiguous() if (pad_b or pad_r) else out
 
 
-class BasicLayer(nn.Module):
-    """A stage of :class:`TinyViTBlock`, then an optional :class:`PatchMerging`."""
-
-    def __init__(self, blocks: Sequence[TinyViTBlock], downsample: PatchMerging | None) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens in, tokens out."""
-        for block in self.blocks:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
 class TinyViTEncoder(nn.Module):
     """LiteMedSAM's image encoder: ``[B, 3, S, S] -> [B, out_chans, S / 4, S / 4]`` (``[B, 256, 64, 64]`` at 256 px).
 
@@ -287,7 +272,8 @@ class TinyViTEncoder(nn.Module):
             size = (resolutions[stage], resolutions[stage])
             return PatchMerging(size, embed_dims[stage], embed_dims[stage + 1], merge_strides[stage])
 
-        self.layers = nn.ModuleList([ConvLayer(embed_dims[0], depths[0], mbconv_expand, merge(0))])
+        mbconv = [MBConv(embed_dims[0], mbconv_expand) for _ in range(depths[0])]
+        self.layers = nn.ModuleList([Stage(mbconv, merge(0))])
         block = 0
         for stage in range(1, len(depths)):
             size = (resolutions[stage], resolutions[stage])
@@ -297,7 +283,7 @@ class TinyViTEncoder(nn.Module):
                 for i in range(block, block + depths[stage])
             ]
             block += depths[stage]
-            self.layers.append(BasicLayer(blocks, merge(stage)))
+            self.layers.append(Stage(blocks, merge(stage)))
         layer_norm_2d = sam_modeling().common.LayerNorm2d  # SAM's neck, same keys as segment-anything's
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
