@@ -37,6 +37,28 @@ def _plain(value: Any) -> torch.Tensor:
     return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
 
 
+def _slice_indices(mask: torch.Tensor, axis: int) -> list[int]:
+    """Indices along spatial ``axis`` of the slices of a spatial mask ``[H, W, D]`` that hold any ``True``."""
+    reached = mask.any(dim=tuple(d for d in range(mask.ndim) if d != axis))
+    return [int(i) for i in torch.nonzero(reached).flatten()]
+
+
+def _fill_slices(
+    out: torch.Tensor, indices: Sequence[int], axis: int, batch_size: int, predict: Callable[[list[int]], torch.Tensor]
+) -> None:
+    """Write ``predict(chunk)`` (``[n, H, W]`` logits of those slices) into ``out`` ``[H, W, D]``, in chunks."""
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start : start + batch_size])
+        for i, logits in zip(chunk, predict(chunk)):
+            out.select(axis, i).copy_(logits)
+
+
+def _to_native(low_res: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Model-size logits ``[n, 1, h, w]`` upsampled bilinearly (MedSAM's way) to ``like``'s plane: ``[n, H, W]``."""
+    size = tuple(like.shape[-2:])
+    return F.interpolate(low_res.float(), size=size, mode="bilinear", align_corners=False)[:, 0].to(like.device)
+
+
 def _names(batchdata: Mapping[str, Any], count: int) -> list[str]:
     names = batchdata.get("name")
     if names is None:  # bare MONAI Label items: the file name identifies the sample
@@ -119,13 +141,12 @@ class BoxPromptInferer(Inferer):
         if image.ndim == 3:
             out[0] = self._predict([(image, prompt, name)], network)[0]
             return out
-        counts = (prompt > 0).sum(dim=tuple(d for d in (0, 1, 2, 3) if d != axis + 1))
-        indices = [int(i) for i in torch.nonzero(counts).flatten()]
-        slices = [(image.select(axis + 1, i), prompt.select(axis + 1, i), slice_name(name, i)) for i in indices]
-        for start in range(0, len(slices), self.batch_size):
-            chunk = slices[start : start + self.batch_size]
-            for i, logits in zip(indices[start : start + self.batch_size], self._predict(chunk, network)):
-                out[0].select(axis, i).copy_(logits)
+
+        def predict(chunk: list[int]) -> torch.Tensor:
+            slices = [(image.select(axis + 1, i), prompt.select(axis + 1, i), slice_name(name, i)) for i in chunk]
+            return self._predict(slices, network)
+
+        _fill_slices(out[0], _slice_indices((prompt > 0).any(dim=0), axis), axis, self.batch_size, predict)
         return out
 
     def _predict(self, slices: Sequence[tuple[torch.Tensor, torch.Tensor, str]], network: nn.Module):
@@ -134,9 +155,7 @@ class BoxPromptInferer(Inferer):
         device = next(network.parameters()).device
         images = torch.stack([_plain(s[self.image_key]) for s in samples]).to(device).float()
         boxes = torch.stack([_plain(s[self.box_key]) for s in samples]).to(device).float()
-        low_res = network(images, boxes).float()
-        size = tuple(slices[0][0].shape[-2:])
-        return F.interpolate(low_res, size=size, mode="bilinear", align_corners=False)[:, 0].to(slices[0][0].device)
+        return _to_native(network(images, boxes), slices[0][0])
 
 
 class BoxChannelInferer(Inferer):
@@ -176,25 +195,20 @@ class BoxChannelInferer(Inferer):
         return torch.stack([self._volume(volume, network) for volume in inputs])
 
     def _volume(self, volume: torch.Tensor, network: nn.Module) -> torch.Tensor:
-        axis = self.slice_axis + 1
+        axis = self.slice_axis
         out = torch.full((1, *volume.shape[1:]), UNPROMPTED_LOGIT, dtype=torch.float32, device=volume.device)
-        box = volume[-1] > 0.5
-        reached = box.any(dim=tuple(d for d in range(box.ndim) if d != self.slice_axis))
-        indices = [int(i) for i in torch.nonzero(reached).flatten()]
-        for start in range(0, len(indices), self.batch_size):
-            chunk = indices[start : start + self.batch_size]
-            logits = self._planes([volume.select(axis, i) for i in chunk], network)
-            for i, plane in zip(chunk, logits):
-                out[0].select(self.slice_axis, i).copy_(plane)
+
+        def predict(chunk: list[int]) -> torch.Tensor:
+            return self._planes([volume.select(axis + 1, i) for i in chunk], network)
+
+        _fill_slices(out[0], _slice_indices(volume[-1] > 0.5, axis), axis, self.batch_size, predict)
         return out
 
     def _planes(self, planes: Sequence[torch.Tensor], network: nn.Module) -> torch.Tensor:
         """Native-size logits ``[n, H, W]`` of same-size planes ``[C + 1, H, W]`` (box channel last)."""
         device = next(network.parameters()).device
         batch = torch.stack([self._model_input(p) for p in planes]).to(device)
-        logits = network(batch).float()
-        size = tuple(planes[0].shape[-2:])
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0].to(planes[0].device)
+        return _to_native(network(batch), planes[0])
 
     def _model_input(self, plane: torch.Tensor) -> torch.Tensor:
         image = min_max_scale(resize_image(plane[:-1], self.size))
