@@ -49,7 +49,7 @@ from ..files import write_json_atomic
 from ..losses import soft_dice_loss
 from ..networks import MedSAM, load_state_dict_strict, read_checkpoint, read_model_state, save_sam
 from ..networks.checkpoint import atomic_torch_save
-from .common import prepare_medsam_batch, preserved_requires_grad
+from .common import clip_gradients, prepare_medsam_batch, preserved_requires_grad
 from .distributed import data_parallel, is_main_process, synchronise
 from .tensorboard import attach_tensorboard
 
@@ -236,11 +236,7 @@ def _build_evaluator(
 
 def _clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> Callable[[Engine], None]:
     def clip(engine: SupervisedTrainer) -> None:
-        if engine.amp and engine.scaler is not None:
-            # Gradients are still multiplied by the loss scale here; the scaler remembers the unscaling,
-            # so its step() does not unscale again.
-            engine.scaler.unscale_(engine.optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        clip_gradients(engine, parameters, max_norm)
 
     return clip
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from ignite.engine import Engine
 from monai.engines import IterationEvents
 from monai.handlers import EarlyStopHandler
+
+from ..engines.common import clip_gradients
 
 __all__ = ["GradientClipping", "bind_early_stopping"]
 
@@ -29,11 +30,8 @@ class GradientClipping:
 
     def __call__(self, engine: Engine) -> None:
         """Clip the gradients of the engine's optimizer's parameters."""
-        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
-            # the scaler remembers the unscaling, so its step() does not unscale again
-            engine.scaler.unscale_(engine.optimizer)
         params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        clip_gradients(engine, params, self.max_norm)
 
 
 def bind_early_stopping(handlers: Iterable[object] | None, trainer: Engine) -> int:

@@ -114,7 +114,6 @@ def prunable_blocks(encoder: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
-
 def _mlp_names(block: nn.Module) -> tuple[str, str]:
     return ("lin1", "lin2") if hasattr(block.mlp, "lin1") else ("fc1", "fc2")
 
