@@ -145,7 +145,7 @@ class LabelServer:
         assert status == 200, body
         return json.loads(body)
 
-    def post_form(self, path: str, fields: dict[str, str], files: dict[str, Path] | None = None):
+    def send_form(self, method: str, path: str, fields: dict[str, str], files: dict[str, Path] | None = None):
         boundary = uuid.uuid4().hex
         parts = []
         for name, value in fields.items():
@@ -154,16 +154,13 @@ class LabelServer:
             head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path_.name}"\r\n\r\n'
             parts.append(head.encode() + path_.read_bytes() + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return self.request(path=path, method="POST", body=body, headers=_form_header(boundary))
+        return self.request(method, path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
     def infer(self, image: str, params: dict) -> tuple[int, bytes]:
-        return self.post_form(f"/infer/medsam?image={image}&output=image", {"params": json.dumps(params)})
+        return self.send_form("POST", f"/infer/medsam?image={image}&output=image", {"params": json.dumps(params)})
 
     def save_label(self, image: str, label: Path) -> None:
-        boundary = uuid.uuid4().hex
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="label"; filename="{label.name}"\r\n\r\n'
-        body = head.encode() + label.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-        status, answer = self.request("PUT", f"/datastore/label?image={image}&tag=final", body, _form_header(boundary))
+        status, answer = self.send_form("PUT", f"/datastore/label?image={image}&tag=final", {}, {"label": label})
         assert status == 200, answer
 
     def train(self, params: dict) -> dict:
@@ -177,10 +174,6 @@ class LabelServer:
                 return task
             time.sleep(1)
         raise TimeoutError(f"training did not finish within {TRAIN_TIMEOUT_S} s:\n{self.log_tail()}")
-
-
-def _form_header(boundary: str) -> dict[str, str]:
-    return {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 @pytest.fixture(scope="module")
