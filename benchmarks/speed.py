@@ -44,11 +44,6 @@ def budgets_of(model_type: str) -> dict[str, float]:
     return MODEL_BUDGETS.get(model_type, BUDGETS)
 
 
-def build_encoder(model_type: str, sparsity: float) -> torch.nn.Module:
-    """Dense or magnitude-pruned compact encoder of a preset."""
-    return build_model(model_type, sparsity).image_encoder
-
-
 def build_model(model_type: str, sparsity: float) -> torch.nn.Module:
     """A ``Sam`` of a preset whose encoder is dense or magnitude-pruned (compact)."""
     import warnings

@@ -76,7 +76,8 @@ class EnsureFinited(MapTransform):
         Raises:
             DataError: naming the file of the first key with a non-finite value.
         """
-        return _ensure_finite(dict(data), list(self.key_iterator(dict(data))))
+        d = dict(data)
+        return _ensure_finite(d, list(self.key_iterator(d)))
 
 
 def _ensure_finite(data: dict[Hashable, Any], keys: list[Hashable]) -> dict[Hashable, Any]:
