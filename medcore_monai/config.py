@@ -8,7 +8,8 @@ the running workflow with the keys the bundle's own config files define:
 
 * a top-level key no bundle config file defines fails, naming the key and the closest known keys;
 * a value whose default is a boolean or a number is converted from its command-line spelling (``false``,
-  ``True``, ``1e-5``) or refused with the expected type.
+  ``True``, ``1e-5``) or refused with the expected type;
+* ``null`` or ``None`` becomes None (``--flow_checkpoint null``).
 
 Nested ids (``train#trainer#max_epochs``) are checked by MONAI itself: a misspelt argument of a component fails
 when the component is instantiated.
@@ -46,6 +47,7 @@ __all__ = [
 _RESERVED = {"_meta_", "_requires_"}
 _EXPRESSION_PREFIXES = ("$", "@", "%")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_NULL = {"null", "none"}  # YAML's and Python's spellings of "no value" on the command line
 
 
 def _read(path: Path) -> Mapping[str, Any]:
@@ -101,7 +103,9 @@ def _suggest(key: str, known: Iterable[str]) -> str:
 
 
 def _converted(key: str, value: Any, default: Any) -> Any:
-    """``value`` in the type of ``default`` (bool, int, float) or a :class:`ConfigError`."""
+    """``value`` in the type of ``default`` (bool, int, float) or a :class:`ConfigError`; ``null``/``None`` is None."""
+    if isinstance(value, str) and value.strip().lower() in _NULL:
+        return None
     if value is None or _is_expression(value) or not _is_scalar(default) or isinstance(value, (list, dict)):
         return value
     if isinstance(default, bool):
