@@ -278,3 +278,9 @@ def test_evaluating_a_small_folder_counts_ct_like_values_under_the_mr_rule(tmp_p
     captured = capfd.readouterr()
     log = captured.out + captured.err  # the bundle's logging.conf writes to standard output
     assert "ct_case.nii.gz has values down to -1000 (CT-like)" in log and "mr_case.nii.gz has" not in log
+
+
+def test_command_line_null_and_none_mean_no_value():
+    workflow = _workflow(["train.yaml", "evaluate.yaml"], split_manifest="null", max_eval_images="None")
+    workflow.initialize()
+    assert workflow.parser["split_manifest"] is None and workflow.parser["max_eval_images"] is None

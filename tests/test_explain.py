@@ -266,3 +266,25 @@ def test_bad_flow_settings_and_training_images_give_one_clear_error():
         train_flow(torch.zeros(4, 3, 16, 16), SMALL, steps=1)
     with pytest.raises(ValueError, match="NaN"):
         train_flow(torch.full((4, 1, 16, 16), float("nan")), SMALL, steps=1)
+
+
+def test_flow_space_is_a_window_around_the_box_pasted_back_into_the_fixed_image():
+    from medcore_monai.explain import Region
+
+    region = Region.around(torch.tensor([100.0, 40.0, 140.0, 60.0]), scale=2.0, image_size=256)
+    assert (region.side, region.x0, region.y0) == (80, 80, 10)  # 2 x the longer side, centred, inside the image
+    assert Region.around(torch.tensor([0.0, 0.0, 10.0, 10.0]), 2.0, 256) == Region(0, 0, 20)  # shifted inside
+    assert Region.around(torch.tensor([0.0, 0.0, 10.0, 10.0]), None, 256) == Region(0, 0, 256)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, 256), torch.linspace(0, 1, 256), indexing="ij")
+    image = torch.stack([xs, ys, xs * ys])  # smooth, so resizing there and back loses little
+    flow_image = region.to_flow(image[None], 40, 3).requires_grad_(True)
+    back = region.to_model(flow_image, image)
+    window = (..., slice(10, 90), slice(80, 160))
+    assert (back[0][window] - image[window]).abs().max() < 0.02
+    outside = torch.ones_like(image, dtype=torch.bool)
+    outside[window] = False
+    assert torch.equal(back[0][outside], image[outside])  # the rest of the input is fixed
+    (grad,) = torch.autograd.grad(back.sum(), flow_image)
+    assert grad.abs().min() > 0  # every flow pixel reaches the model input
+    torch.testing.assert_close(region.box_in_flow(torch.tensor([100.0, 40.0, 140.0, 60.0]), 40),
+                               torch.tensor([10.0, 15.0, 30.0, 25.0]))  # fmt: skip

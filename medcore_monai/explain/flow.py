@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ class VelocityField(nn.Module):
 
         self.config = config
         self.metadata: dict[str, Any] = {}  # what it was trained on (datasets, image count), saved with it
+        self.training: dict[str, Any] = {}  # how: settings and wall time, when loaded from a training checkpoint
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
             in_channels=config.channels,
@@ -116,12 +118,16 @@ def flow_input_problems(config: FlowConfig, images: torch.Tensor, what: str = "i
 
 
 def save_flow(flow: VelocityField, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``{"format", "config", "model", **extra}`` atomically; reload with :func:`load_flow`."""
+    """Write ``{"format", "config", "metadata", "model", **training, **extra}`` atomically (see :func:`load_flow`).
+
+    Without ``extra`` the file holds what using the flow needs (no optimizer state), e.g. to ship a trained flow.
+    """
     content = {
         "format": _FORMAT,
         "config": dataclasses.asdict(flow.config),
         "metadata": flow.metadata,
         "model": flow.state_dict(),
+        **flow.training,
     }
     content.update(extra or {})
     return atomic_torch_save(content, path)
@@ -142,6 +148,7 @@ def load_flow(path: str | os.PathLike, device: torch.device | str = "cpu") -> Ve
     flow = VelocityField(FlowConfig(**content["config"]))
     flow.load_state_dict(content["model"])
     flow.metadata = dict(content.get("metadata") or {})
+    flow.training = {k: content[k] for k in ("settings", "training_seconds") if k in content}
     flow.requires_grad_(False)
     return flow.to(device).eval()
 
@@ -184,6 +191,11 @@ class _Run:
     save_every: int
     progress: bool
     teacher: dict[str, torch.Tensor] | None = None  # weights that made this reflow round's pairs
+    seconds_before: float = 0.0  # training time of the runs this one resumed
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
 
     def save(self, round_index: int, step: int) -> None:
         if self.checkpoint is None:
@@ -194,6 +206,7 @@ class _Run:
             "step": step,
             "settings": self.settings,
             "teacher": self.teacher,
+            "training_seconds": self.seconds(),
         }
         save_flow(self.flow, self.checkpoint, extra)
 
@@ -256,6 +269,7 @@ def train_flow(
             source, target = _reflow_pairs(teacher, reflow_pairs, reflow_ode_steps, seed + round_index, batch_size)
         first = start_step if round_index == start_round else 0
         _train_round(run, source, target, round_index, first)
+    flow.training = {"settings": settings, "training_seconds": run.seconds()}
     flow.requires_grad_(False)
     return flow.eval()
 
@@ -294,9 +308,13 @@ def _resume(run: _Run, config: FlowConfig) -> tuple[int, int]:
             f"{content.get('settings')}, {content.get('metadata')}); remove it or pass the settings it was trained with"
         )
     run.flow.load_state_dict(content["model"])
-    run.optimizer.load_state_dict(content["optimizer"])
+    if "optimizer" in content:  # a flow saved for use only (save_flow) has no optimizer state
+        run.optimizer.load_state_dict(content["optimizer"])
     run.teacher = content.get("teacher")
-    round_index, step = int(content["round"]), int(content["step"])
+    run.seconds_before = float(content.get("training_seconds", 0.0))
+    # a flow saved for use only is a finished run
+    round_index = int(content.get("round", run.settings["reflow_rounds"]))
+    step = int(content.get("step", run.settings["steps"]))
     if step >= run.settings["steps"]:
         round_index, step = round_index + 1, 0
     logger.info("resuming flow training from %s (round %d, step %d)", run.checkpoint, round_index, step)
