@@ -40,6 +40,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--path-steps", type=int, default=16)
     parser.add_argument("--points", type=int, default=4)
     parser.add_argument("--deletion-steps", type=int, default=16)
+    parser.add_argument("--extra-removals", nargs="*", default=["black"], help="also score deletion with these")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", default="outputs/benchmark_explain")
     parser.add_argument("--out", required=True)
@@ -52,12 +53,13 @@ def _method_rows(images: list[dict], methods: list[str]) -> list[dict]:
     for method in methods:
         values = {key: [i["methods"][method][key] for i in images] for key in images[0]["methods"][method]}
         row = {"method": method, "n": len(images)}
-        for key in ("deletion_auc", "insertion_auc", "relative_completeness_gap", "seconds"):
+        auc_keys = [key for key in values if key.startswith(("deletion_auc", "insertion_auc"))]
+        for key in [*auc_keys, "relative_completeness_gap", "seconds"]:
             if all(v is not None for v in values[key]):
                 row[key] = mean_interval(values[key])
         if method != "transport" and "transport" in methods:
             transport = [i["methods"]["transport"] for i in images]
-            for key in ("deletion_auc", "insertion_auc"):
+            for key in auc_keys:
                 row[f"transport_minus_{key}"] = paired_bootstrap([t[key] for t in transport], values[key])
         rows.append(row)
     return rows
@@ -87,11 +89,12 @@ def main() -> None:
             "explain_settings#path_steps": args.path_steps,
             "explain_settings#points": args.points,
             "explain_settings#deletion_steps": args.deletion_steps,
+            "explain_settings#extra_removals": args.extra_removals,
         },
     )
     result = summary[0] if isinstance(summary, list) else summary  # the run section's value, one per step
     report = json.loads(Path(result["explain_json"]).read_text())
-    images = report["images"]
+    images = [i for i in report["images"] if not i["notes"]]  # an empty mask leaves nothing to attribute
     rows = _method_rows(images, args.methods)
     compared = [i["compression"] for i in images if "compression" in i]
     path_keys = ("round_trip_error", "field_mismatch", "straight_line_field_mismatch")
@@ -102,7 +105,7 @@ def main() -> None:
         "flow": report["flow"],
         "inputs": report["inputs"],
         "path": {key: mean_interval([i["path"][key] for i in images]) for key in path_keys},
-        "empty_mask_images": sum(1 for i in images if i["notes"]),
+        "left_out": report["summary"]["left_out"],
     }
     if compared:
         facts["compression"] = {

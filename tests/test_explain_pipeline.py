@@ -117,6 +117,7 @@ def test_the_bundle_explain_workflow_writes_json_and_figures(tmp_path):
         "explain_settings#path_steps": 4,
         "explain_settings#points": 2,
         "explain_settings#deletion_steps": 4,
+        "explain_settings#extra_removals": ["black"],
         "progress": False,
     }
     files = [str(CONFIGS / "train.yaml"), str(CONFIGS / "explain.yaml")]
@@ -132,13 +133,15 @@ def test_the_bundle_explain_workflow_writes_json_and_figures(tmp_path):
     for image in report["images"]:
         assert set(image["methods"]) == {"transport", "ig_black", "occlusion"}
         for method, numbers in image["methods"].items():
-            assert {"target_value", "deletion_auc", "insertion_auc", "seconds"} <= set(numbers)
+            assert {"target_value", "deletion_auc", "insertion_auc", "deletion_auc_black", "seconds"} <= set(numbers)
             assert (numbers["completeness_gap"] is None) == (method == "occlusion")
         assert "difference_band_mass" in image["compression"]
         stem = image["name"]
         assert (out / "figures" / f"{stem}_methods.png").stat().st_size > 0
         assert (out / "figures" / f"{stem}_compression.png").stat().st_size > 0
-    assert report["summary"]["transport"]["deletion_auc"]["n"] == 2
+    summary = report["summary"]
+    assert summary["images"] + len(summary["left_out"]) == 2
+    assert summary["transport"]["deletion_auc"]["n"] == summary["images"] > 0
     assert (out / "flow.pt").is_file()
 
 
@@ -151,3 +154,26 @@ def test_a_flow_trained_to_the_end_is_reused_not_retrained(tmp_path):
     assert (tmp_path / "f.pt").stat().st_mtime_ns == stamp
     for a, b in zip(first.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_the_embedded_default_explains_with_the_shipped_flow(tmp_path):
+    """`python -m monai.bundle run explain` on a fresh checkout: the shipped model, sample and flow, offline."""
+    from medcore_monai.bundle import run_workflow
+
+    run_workflow(
+        "explain",
+        ("train.yaml", "explain.yaml"),
+        output_dir=str(tmp_path),
+        prune_dir=str(tmp_path / "no_pruning_run"),
+        max_images=1,
+        explain_methods=["transport"],
+        progress=False,
+    )
+    report = json.loads((tmp_path / "explain.json").read_text())
+    assert report["inputs"]["flow_checkpoint"].endswith("bundle/models/flow_hippocampus.pt")
+    assert report["inputs"]["reference_checkpoint"] is None
+    assert report["flow"]["datasets"] == ["hippocampus"] and report["flow"]["config"]["size"] == 64
+    assert not (tmp_path / "flow.pt").exists()  # nothing trained
+    image = report["images"][0]
+    assert image["path"]["round_trip_error"] < 0.2 and image["path"]["field_mismatch"] < 0.05
+    assert (tmp_path / "figures" / f"{image['name']}_methods.png").is_file()

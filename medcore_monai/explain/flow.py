@@ -76,7 +76,7 @@ class VelocityField(nn.Module):
 
         self.config = config
         self.metadata: dict[str, Any] = {}  # what it was trained on (datasets, image count), saved with it
-        self.training: dict[str, Any] = {}  # how: settings and wall time, when loaded from a training checkpoint
+        self.training_record: dict[str, Any] = {}  # how: settings and wall time, when loaded from a training checkpoint
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
             in_channels=config.channels,
@@ -127,7 +127,7 @@ def save_flow(flow: VelocityField, path: str | os.PathLike, extra: dict[str, Any
         "config": dataclasses.asdict(flow.config),
         "metadata": flow.metadata,
         "model": flow.state_dict(),
-        **flow.training,
+        **flow.training_record,
     }
     content.update(extra or {})
     return atomic_torch_save(content, path)
@@ -148,7 +148,7 @@ def load_flow(path: str | os.PathLike, device: torch.device | str = "cpu") -> Ve
     flow = VelocityField(FlowConfig(**content["config"]))
     flow.load_state_dict(content["model"])
     flow.metadata = dict(content.get("metadata") or {})
-    flow.training = {k: content[k] for k in ("settings", "training_seconds") if k in content}
+    flow.training_record = {k: content[k] for k in ("settings", "training_seconds") if k in content}
     flow.requires_grad_(False)
     return flow.to(device).eval()
 
@@ -269,7 +269,7 @@ def train_flow(
             source, target = _reflow_pairs(teacher, reflow_pairs, reflow_ode_steps, seed + round_index, batch_size)
         first = start_step if round_index == start_round else 0
         _train_round(run, source, target, round_index, first)
-    flow.training = {"settings": settings, "training_seconds": run.seconds()}
+    flow.training_record = {"settings": settings, "training_seconds": run.seconds()}
     flow.requires_grad_(False)
     return flow.eval()
 

@@ -37,6 +37,8 @@ class ExplainSettings:
             gradient evaluations (``path_steps * points``), so the methods cost the same.
         band_radius: half-width of the boundary band (low-resolution logit pixels).
         removal: what deletion and insertion replace pixels with (``blur`` or ``black``).
+        extra_removals: more removal images to score with, reported as ``deletion_auc_<mode>`` and
+            ``insertion_auc_<mode>`` (each removal image favours the IG baseline it equals, so compare under both).
         blur_sigma: the blur of the removal image and of the blurred IG baseline (flow pixels).
         deletion_steps: points of the deletion and insertion curves.
         occlusion_mask: side of MONAI's occlusion patch (flow pixels).
@@ -52,6 +54,7 @@ class ExplainSettings:
     points: int = 4
     band_radius: int = 2
     removal: str = "blur"
+    extra_removals: tuple[str, ...] = ()
     blur_sigma: float = 4.0
     deletion_steps: int = 16
     occlusion_mask: int = 8
@@ -61,6 +64,7 @@ class ExplainSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "extra_removals", tuple(self.extra_removals))
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
             raise ValueError(f"unknown or no explanation methods {unknown}; use some of {', '.join(METHODS)}")
@@ -109,14 +113,12 @@ def _method_runners(
     }
 
 
-def _metrics(attribution: Attribution, curves: Any, seconds: float) -> dict[str, float | None]:
+def _metrics(attribution: Attribution, seconds: float) -> dict[str, float | None]:
     return {
         "target_value": attribution.target_value,
         "baseline_value": attribution.baseline_value,
         "completeness_gap": attribution.completeness_gap,
         "relative_completeness_gap": attribution.relative_completeness_gap,
-        "deletion_auc": curves.deletion_auc,
-        "insertion_auc": curves.insertion_auc,
         "seconds": seconds,
     }
 
@@ -162,17 +164,24 @@ def explain_image(
         model, box, settings.target, image, region, model_input, label, settings.band_radius, mask_from=reference
     )
     blurred = removal_image(image, "blur", settings.blur_sigma)
-    removal = blurred if settings.removal == "blur" else removal_image(image, settings.removal)
+    removals = {
+        mode: blurred if mode == "blur" else removal_image(image, mode)
+        for mode in (settings.removal, *settings.extra_removals)
+    }
     runners = _method_runners(settings, target, path, blurred)
     attributions, metrics = {}, {}
     for method in settings.methods:
         start = time.perf_counter()
         attributions[method] = runners[method]()
         seconds = time.perf_counter() - start
-        curves = deletion_insertion(
-            target, image, attributions[method].spatial(), removal, settings.deletion_steps, 2 * settings.batch_size
-        )
-        metrics[method] = _metrics(attributions[method], curves, seconds)
+        metrics[method] = _metrics(attributions[method], seconds)
+        for mode, removal in removals.items():
+            curves = deletion_insertion(
+                target, image, attributions[method].spatial(), removal, settings.deletion_steps, 2 * settings.batch_size
+            )
+            suffix = "" if mode == settings.removal else f"_{mode}"
+            metrics[method] |= {f"deletion_auc{suffix}": curves.deletion_auc,
+                                f"insertion_auc{suffix}": curves.insertion_auc}  # fmt: skip
     diagnostics = {
         "round_trip_error": round_trip_error(flow, path),
         "field_mismatch": field_mismatch(flow, path),
@@ -222,19 +231,23 @@ def _compare(
 
 
 def summarise(explanations: Sequence[ImageExplanation]) -> dict[str, Any]:
-    """Mean and 95 % bootstrap interval over images of each method's AUCs, gaps and times."""
+    """Mean and 95 % bootstrap interval over images of each method's AUCs, gaps and times.
+
+    Images with a note (an empty mask: the target is zero everywhere) are left out of the means and listed.
+    """
     from ..reports.statistics import mean_interval
 
-    methods = explanations[0].metrics.keys() if explanations else []
-    summary: dict[str, Any] = {}
-    for method in methods:
-        rows = [e.metrics[method] for e in explanations]
+    used = [e for e in explanations if not e.notes]
+    summary: dict[str, Any] = {"images": len(used), "left_out": [e.name for e in explanations if e.notes]}
+    for method in used[0].metrics if used else []:
+        rows = [e.metrics[method] for e in used]
         summary[method] = {
-            key: mean_interval([r[key] for r in rows if r[key] is not None])
-            for key in ("deletion_auc", "insertion_auc", "relative_completeness_gap", "seconds")
-            if any(r[key] is not None for r in rows)
+            key: mean_interval([r[key] for r in rows])
+            for key in rows[0]
+            if key not in ("target_value", "baseline_value", "completeness_gap")
+            and all(r[key] is not None for r in rows)
         }
-    compared = [e.compression for e in explanations if e.compression is not None]
+    compared = [e.compression for e in used if e.compression is not None]
     if compared:
         summary["compression"] = {
             key: mean_interval([c[key] for c in compared]) for key in ("difference_band_mass", "band_area_fraction")

@@ -174,7 +174,7 @@ def _write_json(rows, settings: ExplainSettings, flow: VelocityField, output: Pa
     content = {
         "settings": dataclasses.asdict(settings),
         "inputs": dict(inputs or {}),
-        "flow": {"config": dataclasses.asdict(flow.config), **flow.metadata, **flow.training},
+        "flow": {"config": dataclasses.asdict(flow.config), **flow.metadata, **flow.training_record},
         "summary": summarise(rows),
         "images": [r.summary() for r in rows],
     }
