@@ -281,6 +281,6 @@ def test_evaluating_a_small_folder_counts_ct_like_values_under_the_mr_rule(tmp_p
 
 
 def test_command_line_null_and_none_mean_no_value():
-    workflow = _workflow(["train.yaml", "evaluate.yaml"], split_manifest="null", max_eval_images="None")
+    workflow = _workflow(["train.yaml"], split_manifest="null", tensorboard_dir="None")
     workflow.initialize()
-    assert workflow.parser["split_manifest"] is None and workflow.parser["max_eval_images"] is None
+    assert workflow.parser["split_manifest"] is None and workflow.parser["tensorboard_dir"] is None
