@@ -62,12 +62,10 @@ def paired_bootstrap(a, b, n_bootstrap: int = 2000, seed: int = 0, ci: float = 0
     """Mean of the per-image difference ``a - b`` with its percentile bootstrap interval (images resampled)."""
     import numpy as np
 
+    from medcore_monai.reports.statistics import mean_interval
+
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(n_bootstrap, diff.size))].mean(axis=1)
-    tail = (1.0 - ci) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "n": int(diff.size)}
+    return mean_interval(diff, n_bootstrap, seed, ci)
 
 
 def write_results(out: str | Path, rows: list[dict], device, threads: int, start: float, **facts: Any) -> None:

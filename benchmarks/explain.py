@@ -22,7 +22,6 @@ import torch
 from common import paired_bootstrap, write_results
 
 from medcore_monai.bundle import run_workflow
-from medcore_monai.reports.statistics import mean_interval
 
 BASELINES = ("ig_black", "ig_blur", "gradient_shap", "occlusion")
 
@@ -48,19 +47,15 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _method_rows(images: list[dict], methods: list[str]) -> list[dict]:
+def _method_rows(summary: dict, images: list[dict], methods: list[str]) -> list[dict]:
+    """The workflow's per-method summary, with each baseline's paired difference to the transport path."""
     rows = []
     for method in methods:
-        values = {key: [i["methods"][method][key] for i in images] for key in images[0]["methods"][method]}
-        row = {"method": method, "n": len(images)}
-        auc_keys = [key for key in values if key.startswith(("deletion_auc", "insertion_auc"))]
-        for key in [*auc_keys, "relative_completeness_gap", "seconds"]:
-            if all(v is not None for v in values[key]):
-                row[key] = mean_interval(values[key])
+        row = {"method": method, "n": summary["images"], **summary[method]}
         if method != "transport" and "transport" in methods:
-            transport = [i["methods"]["transport"] for i in images]
-            for key in auc_keys:
-                row[f"transport_minus_{key}"] = paired_bootstrap([t[key] for t in transport], values[key])
+            for key in [k for k in summary[method] if k.startswith(("deletion_auc", "insertion_auc"))]:
+                transport = [i["methods"]["transport"][key] for i in images]
+                row[f"transport_minus_{key}"] = paired_bootstrap(transport, [i["methods"][method][key] for i in images])
         rows.append(row)
     return rows
 
@@ -70,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     work = Path(args.work_dir)
-    summary = run_workflow(
+    returned = run_workflow(
         "explain",
         ("train.yaml", "explain.yaml"),
         data_roots=[args.data_root],
@@ -92,25 +87,22 @@ def main() -> None:
             "explain_settings#extra_removals": args.extra_removals,
         },
     )
-    result = summary[0] if isinstance(summary, list) else summary  # the run section's value, one per step
+    result = returned[0] if isinstance(returned, list) else returned  # the run section's value, one per step
     report = json.loads(Path(result["explain_json"]).read_text())
-    images = [i for i in report["images"] if not i["notes"]]  # an empty mask leaves nothing to attribute
-    rows = _method_rows(images, args.methods)
-    compared = [i["compression"] for i in images if "compression" in i]
-    path_keys = ("round_trip_error", "field_mismatch", "straight_line_field_mismatch")
+    images = [i for i in report["images"] if not i["notes"]]  # as in the summary: an empty mask attributes nothing
+    summary = report["summary"]
+    rows = _method_rows(summary, images, args.methods)
     facts = {
-        "images": len(images),
+        "images": summary["images"],
         "target": args.target,
         "settings": report["settings"],
         "flow": report["flow"],
         "inputs": report["inputs"],
-        "path": {key: mean_interval([i["path"][key] for i in images]) for key in path_keys},
-        "left_out": report["summary"]["left_out"],
+        "path": summary.get("path"),
+        "left_out": summary["left_out"],
     }
-    if compared:
-        facts["compression"] = {
-            key: mean_interval([c[key] for c in compared]) for key in ("difference_band_mass", "band_area_fraction")
-        }
+    if "compression" in summary:
+        facts["compression"] = summary["compression"]
     write_results(args.out, rows, "cpu", args.threads, start, **facts)
     if args.figure_dir:
         Path(args.figure_dir).mkdir(parents=True, exist_ok=True)

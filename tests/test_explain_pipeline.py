@@ -142,6 +142,7 @@ def test_the_bundle_explain_workflow_writes_json_and_figures(tmp_path):
     summary = report["summary"]
     assert summary["images"] + len(summary["left_out"]) == 2
     assert summary["transport"]["deletion_auc"]["n"] == summary["images"] > 0
+    assert summary["path"]["field_mismatch"]["n"] == summary["images"]
     assert (out / "flow.pt").is_file()
 
 

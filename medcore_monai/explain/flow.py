@@ -163,11 +163,11 @@ def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generat
 
 
 @torch.no_grad()
-def generate(flow: VelocityField, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """Images the flow makes from ``noise`` (Euler, ``steps`` steps from t=0 to t=1)."""
-    x = noise
-    for k in range(steps):
-        x = x + flow(x, k / steps) / steps
+def generate(flow: VelocityField, start: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """Where the flow carries ``start`` ``[B, C, S, S]``: Euler steps forward over the increasing ``times``."""
+    x = start
+    for k in range(len(times) - 1):
+        x = x + (times[k + 1] - times[k]) * flow(x, times[k])
     return x
 
 
@@ -176,7 +176,8 @@ def _reflow_pairs(teacher: VelocityField, count: int, steps: int, seed: int, bat
     shape = (count, teacher.config.channels, teacher.config.size, teacher.config.size)
     noise = torch.randn(shape, generator=_step_generator(seed, -1, device), device=device)
     teacher.eval()
-    images = torch.cat([generate(teacher, noise[i : i + batch], steps) for i in range(0, count, batch)])
+    times = torch.linspace(0.0, 1.0, steps + 1, device=device)
+    images = torch.cat([generate(teacher, noise[i : i + batch], times) for i in range(0, count, batch)])
     return noise, images
 
 

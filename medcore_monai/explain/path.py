@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from .flow import VelocityField
+from .flow import VelocityField, generate
 
 __all__ = ["TransportPath", "invert", "integrate", "straight_path", "round_trip_error", "field_mismatch"]
 
@@ -75,13 +75,9 @@ def invert(flow: VelocityField, image: torch.Tensor, steps: int = 16, iterations
     return TransportPath(torch.stack(nodes[::-1]), times)
 
 
-@torch.no_grad()
 def integrate(flow: VelocityField, start: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
     """The image the flow carries ``start`` ``[C, S, S]`` to, Euler forward on ``times`` (increasing)."""
-    x = start[None]
-    for k in range(len(times) - 1):
-        x = x + (times[k + 1] - times[k]) * flow(x, times[k])
-    return x[0]
+    return generate(flow, start[None], times)[0]
 
 
 def straight_path(image: torch.Tensor, baseline: torch.Tensor, segments: int = 1) -> TransportPath:

@@ -231,7 +231,7 @@ def _compare(
 
 
 def summarise(explanations: Sequence[ImageExplanation]) -> dict[str, Any]:
-    """Mean and 95 % bootstrap interval over images of each method's AUCs, gaps and times.
+    """Mean and 95 % bootstrap interval over images of each method's AUCs, gaps and times, and of the path.
 
     Images with a note (an empty mask: the target is zero everywhere) are left out of the means and listed.
     """
@@ -247,6 +247,8 @@ def summarise(explanations: Sequence[ImageExplanation]) -> dict[str, Any]:
             if key not in ("target_value", "baseline_value", "completeness_gap")
             and all(r[key] is not None for r in rows)
         }
+    if used:
+        summary["path"] = {key: mean_interval([e.path[key] for e in used]) for key in used[0].path}
     compared = [e.compression for e in used if e.compression is not None]
     if compared:
         summary["compression"] = {
