@@ -178,3 +178,25 @@ def test_the_embedded_default_explains_with_the_shipped_flow(tmp_path):
     image = report["images"][0]
     assert image["path"]["round_trip_error"] < 0.2 and image["path"]["field_mismatch"] < 0.05
     assert (tmp_path / "figures" / f"{image['name']}_methods.png").is_file()
+
+
+def test_a_flow_of_other_data_stops_the_command_line_run_with_one_sentence(tmp_path):
+    import subprocess
+    import sys
+
+    from medcore_monai.demo import write_synthetic_pairs
+
+    write_synthetic_pairs(tmp_path / "polyps", 6, 64, seed=2)
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "explain",
+        "--config_file", "['bundle/configs/train.yaml','bundle/configs/explain.yaml']",
+        "--data_roots", f"['{tmp_path / 'polyps'}']", "--prune_dir", str(tmp_path / "none"),
+        "--output_dir", str(tmp_path / "out"), "--progress", "false",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode != 0
+    assert "error: the flow bundle/models/flow_hippocampus.pt was trained on ['hippocampus'], not on ['polyps']" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "explain.json").exists()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from monai.transforms import MapTransform
 
+from ..errors import ConfigError, DataError
 from ..tensors import plain_tensor
 from .targets import Region
 
@@ -36,7 +37,7 @@ class ToFlowSpaced(MapTransform):
         for key in self.key_iterator(d):
             image = plain_tensor(d[key])
             if self.region_scale is not None and d.get(self.box_key) is None:
-                raise ValueError(f"{d.get('name', 'a sample')}: region_scale needs a box ({self.box_key!r}) first")
+                raise DataError(f"{d.get('name', 'a sample')}: region_scale needs a box ({self.box_key!r}) first")
             region = Region.around(d.get(self.box_key), self.region_scale, image.shape[-1])
             d[key] = region.to_flow(image[None], self.size, 3)[0]
         return d
@@ -47,7 +48,7 @@ def grey_if_identical(images: torch.Tensor, channels: int | None = None) -> torc
     if channels is None:
         channels = 1 if bool((images - images[:, :1]).abs().max() < 1e-6) else 3
     if channels not in (1, 3):
-        raise ValueError(f"flow channels must be 1 or 3, got {channels}")
+        raise ConfigError(f"flow channels must be 1 or 3, got {channels}")
     return images.mean(1, keepdim=True) if channels == 1 else images
 
 
@@ -55,8 +56,8 @@ def flow_training_images(samples: Iterable[Mapping[str, Any]], channels: int | N
     """Stack the flow-space images of samples (after :class:`ToFlowSpaced`) into ``[N, C, S, S]``."""
     images = [plain_tensor(s["image"]).float() for s in samples]
     if len(images) < 2:
-        raise ValueError(f"a flow needs at least two training images, got {len(images)}")
+        raise DataError(f"a flow needs at least two training images, got {len(images)}")
     shapes = {tuple(i.shape) for i in images}
     if len(shapes) != 1:
-        raise ValueError(f"flow training images differ in shape {sorted(shapes)}; put ToFlowSpaced last")
+        raise DataError(f"flow training images differ in shape {sorted(shapes)}; put ToFlowSpaced last")
     return grey_if_identical(torch.stack(images), channels)

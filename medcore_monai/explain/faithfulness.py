@@ -14,6 +14,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .attribution import Target
 
 __all__ = ["FaithfulnessCurves", "removal_image", "deletion_insertion"]
@@ -47,7 +48,7 @@ def removal_image(image: torch.Tensor, mode: str = "blur", sigma: float = 4.0) -
     if mode == "black":
         return torch.full_like(image, -1.0)
     if mode != "blur":
-        raise ValueError(f"unknown removal {mode!r}; use 'blur' or 'black'")
+        raise ConfigError(f"unknown removal {mode!r}; use 'blur' or 'black'")
     radius = max(1, int(3 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)

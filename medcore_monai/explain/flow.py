@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DataError
 from ..files import atomic_torch_save
 
 __all__ = ["FlowConfig", "VelocityField", "train_flow", "save_flow", "load_flow", "flow_input_problems"]
@@ -64,7 +65,7 @@ class FlowConfig:
         if any(w % self.groups for w in self.widths):
             problems.append(f"every width in {self.widths} must be divisible by groups={self.groups}")
         if problems:
-            raise ValueError("invalid flow configuration: " + "; ".join(problems))
+            raise ConfigError("invalid flow configuration: " + "; ".join(problems))
 
 
 class VelocityField(nn.Module):
@@ -97,7 +98,7 @@ class VelocityField(nn.Module):
         """Raise one clear error if ``images`` are not ``[B, C, S, S]`` finite tensors of this flow's shape."""
         problems = flow_input_problems(self.config, images, what)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise DataError("; ".join(problems))
 
 
 def flow_input_problems(config: FlowConfig, images: torch.Tensor, what: str = "images") -> list[str]:
@@ -138,7 +139,7 @@ def _read_flow_file(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"flow checkpoint not found: {path}")
     content = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(content, dict) or content.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a flow checkpoint written by medcore_monai.explain (format {_FORMAT})")
+        raise ConfigError(f"{path} is not a flow checkpoint written by medcore_monai.explain (format {_FORMAT})")
     return content
 
 
@@ -242,10 +243,10 @@ def train_flow(
     """
     device = torch.device(device)
     if images.ndim != 4 or images.shape[0] < 2:
-        raise ValueError(f"train_flow needs at least two images [N, C, S, S], got {tuple(images.shape)}")
+        raise DataError(f"train_flow needs at least two images [N, C, S, S], got {tuple(images.shape)}")
     problems = flow_input_problems(config, images, "training images")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise DataError("; ".join(problems))
     torch.manual_seed(seed)  # the initial weights
     flow = VelocityField(config).to(device)
     flow.metadata = dict(metadata or {})
@@ -304,7 +305,7 @@ def _resume(run: _Run, config: FlowConfig) -> tuple[int, int]:
     content = _read_flow_file(run.checkpoint)
     same_data = dict(content.get("metadata") or {}) == run.flow.metadata
     if FlowConfig(**content["config"]) != config or content.get("settings") != run.settings or not same_data:
-        raise ValueError(
+        raise ConfigError(
             f"{run.checkpoint} holds a flow trained with other settings ({content['config']}, "
             f"{content.get('settings')}, {content.get('metadata')}); remove it or pass the settings it was trained with"
         )

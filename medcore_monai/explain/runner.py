@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DataError
 from .attribution import Attribution, gradient_shap, integrated_gradients, occlusion, path_attribution
 from .faithfulness import deletion_insertion, removal_image
 from .flow import VelocityField
@@ -67,9 +68,9 @@ class ExplainSettings:
         object.__setattr__(self, "extra_removals", tuple(self.extra_removals))
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or not self.methods:
-            raise ValueError(f"unknown or no explanation methods {unknown}; use some of {', '.join(METHODS)}")
+            raise ConfigError(f"unknown or no explanation methods {unknown}; use some of {', '.join(METHODS)}")
         if self.path_steps < 1 or self.points < 1 or self.deletion_steps < 1:
-            raise ValueError("path_steps, points and deletion_steps must be >= 1")
+            raise ConfigError("path_steps, points and deletion_steps must be >= 1")
 
 
 @dataclasses.dataclass
@@ -125,11 +126,11 @@ def _metrics(attribution: Attribution, seconds: float) -> dict[str, float | None
 
 def _check_input(name: str, model_input: torch.Tensor, box: Any) -> None:
     if model_input.ndim != 3 or model_input.shape[0] != 3 or model_input.shape[-1] != model_input.shape[-2]:
-        raise ValueError(f"{name}: expected the model input [3, M, M], got {tuple(model_input.shape)}")
+        raise DataError(f"{name}: expected the model input [3, M, M], got {tuple(model_input.shape)}")
     if not torch.isfinite(model_input).all():
-        raise ValueError(f"{name}: the image contains NaN or infinite values")
+        raise DataError(f"{name}: the image contains NaN or infinite values")
     if box is None:
-        raise ValueError(f"{name}: no box prompt; explain needs a box per image (BoxFromMaskd in the preprocessing)")
+        raise DataError(f"{name}: no box prompt; explain needs a box per image (BoxFromMaskd in the preprocessing)")
 
 
 def explain_image(
@@ -151,7 +152,7 @@ def explain_image(
     """
     _check_input(name, model_input, box)
     if flow.config.channels == 1 and float((model_input - model_input[:1]).abs().max()) > 1e-6:
-        raise ValueError(
+        raise ConfigError(
             f"{name} is a colour image but the flow is grey (1 channel, trained on {flow.metadata.get('datasets')}); "
             "use a flow trained on these images"
         )
@@ -264,5 +265,5 @@ def as_settings(values: Mapping[str, Any] | ExplainSettings) -> ExplainSettings:
     known = {f.name for f in dataclasses.fields(ExplainSettings)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown explain settings {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"unknown explain settings {unknown}; known: {sorted(known)}")
     return ExplainSettings(**values)

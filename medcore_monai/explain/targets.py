@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError, DataError
+
 __all__ = ["TARGETS", "Region", "boundary_band", "SegmentationTarget"]
 
 TARGETS = ("dice_self", "dice_label", "boundary_energy", "box_logit")
@@ -127,12 +129,12 @@ class SegmentationTarget(nn.Module):
     ) -> None:
         super().__init__()
         if kind not in TARGETS:
-            raise ValueError(f"unknown target {kind!r}; use one of {', '.join(TARGETS)}")
+            raise ConfigError(f"unknown target {kind!r}; use one of {', '.join(TARGETS)}")
         if kind == "dice_label" and label is None:
-            raise ValueError("target 'dice_label' needs the ground-truth label of the image")
+            raise DataError("target 'dice_label' needs the ground-truth label of the image")
         box = torch.as_tensor(box, dtype=torch.float32).reshape(-1)
         if box.numel() != 4 or not torch.isfinite(box).all() or not (box[2] > box[0] and box[3] > box[1]):
-            raise ValueError(f"the image needs a box [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {box.tolist()}")
+            raise DataError(f"the image needs a box [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {box.tolist()}")
         self.model = model
         self.kind = kind
         self.model_size = int(model.img_size)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DataError
 from ..files import write_json_atomic
 from ..tensors import plain_tensor
 from .data import flow_training_images
@@ -59,7 +60,7 @@ def prepare_flow(
         flow = load_flow(flow_checkpoint, device)
         trained_on = flow.metadata.get("datasets")
         if datasets is not None and trained_on is not None and not set(datasets) <= set(trained_on):
-            raise ValueError(
+            raise ConfigError(
                 f"the flow {flow_checkpoint} was trained on {trained_on}, not on {sorted(datasets)}: set "
                 "flow_checkpoint to null to train one on these data, or to a flow trained on them"
             )
@@ -68,7 +69,7 @@ def prepare_flow(
     known = shape_keys | set(_TRAINING_KEYS) | {"region_scale"}
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise ValueError(f"unknown flow settings {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"unknown flow settings {unknown}; known: {sorted(known)}")
     images = flow_training_images(training_samples, settings.get("channels"))
     shape = {k: settings[k] for k in shape_keys if k in settings and k != "channels"}
     config = as_flow_config(shape, channels=images.shape[1], size=images.shape[-1])
@@ -136,9 +137,9 @@ def run_explain(
     settings = as_settings(settings)
     device = torch.device(device)
     if max_images < 1:
-        raise ValueError(f"max_images must be >= 1, got {max_images}")
+        raise ConfigError(f"max_images must be >= 1, got {max_images}")
     if len(samples) == 0:
-        raise ValueError("no images to explain: the test split is empty")
+        raise DataError("no images to explain: the test split is empty")
     models = [m.to(device).eval().requires_grad_(False) for m in (network, reference_network) if m is not None]
     chosen = [_on_device(samples[i], device) for i in spread_indices(len(samples), max_images)]
     output = Path(output_dir)
