@@ -1,10 +1,12 @@
-"""What the Kvasir-SEG benchmarks share: the standard split and models, evaluation, and the result file."""
+"""What the benchmarks share: the standard split and models, evaluation (2-D images or volumes), the result file."""
 
 from __future__ import annotations
 
+import csv
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -22,31 +24,60 @@ SEED = 42
 
 
 @dataclass
-class KvasirSetup:
-    """The pair and the project's standard seed-42 split of Kvasir-SEG, with calibration and test samples."""
+class DatasetSetup:
+    """A model (and its parent, if any) and the project's standard seed-42 split of one dataset.
 
+    ``volumes`` is true for NIfTI data: its slices are calibration samples, its test split is scored per volume
+    in millimetres by the bundle's evaluator (:func:`evaluate_volumes`).
+    """
+
+    root: str
+    name: str
     data: SplitData
     medsam: MedSAM
     reference: MedSAM | None
     calibration: dict[str, list[dict[str, Any]]]
     test_items: list[dict[str, Any]]
     test_samples: Any
+    max_test: int | None = None
+
+    @property
+    def volumes(self) -> bool:
+        """Whether the items are slices of volumes."""
+        return "volume" in self.test_items[0]
+
+
+def dataset_setup(
+    root: str,
+    medsam: str,
+    sam: str | None,
+    cal_size: int,
+    max_test: int | None,
+    device,
+    name: str = "kvasir",
+) -> DatasetSetup:
+    """Load the model (and its parent, if any) and split the dataset; test images get deterministic 0-5 px jitter.
+
+    The decoder's target size comes from the model (``size // 4`` for SAM's ViT, ``size`` for LiteMedSAM).
+    ``max_test`` limits test images (2-D) or test volumes.
+    """
+    data = prepare_splits([DatasetSpec(root, name)], seed=SEED, cal_size=cal_size)
+    model = MedSAM(load_sam(medsam)).to(device)
+    reference = MedSAM(load_sam(sam), pixel_normalize=True).to(device) if sam else None
+    calibration = tight_box_samples(data, model.img_size, seed=SEED, lowres_size=model.low_res_size)
+    test_items = data.split(name, "test")
+    test_samples = None  # volumes are read by the bundle's evaluator
+    if "volume" not in test_items[0]:
+        test_items = test_items[:max_test]
+        test_samples = preprocess_split(test_items, model.img_size, 5, SEED, lowres_size=model.low_res_size)
+    return DatasetSetup(root, name, data, model, reference, calibration, test_items, test_samples, max_test)
 
 
 def kvasir_setup(
     kvasir_root: str, medsam: str, sam: str | None, cal_size: int, max_test: int | None, device
-) -> KvasirSetup:
-    """Load the model (and its parent, if any) and split Kvasir-SEG; test images get deterministic 0-5 px jitter.
-
-    The decoder's target size comes from the model (``size // 4`` for SAM's ViT, ``size`` for LiteMedSAM).
-    """
-    data = prepare_splits([DatasetSpec(kvasir_root, "kvasir")], seed=SEED, cal_size=cal_size)
-    model = MedSAM(load_sam(medsam)).to(device)
-    reference = MedSAM(load_sam(sam), pixel_normalize=True).to(device) if sam else None
-    calibration = tight_box_samples(data, model.img_size, seed=SEED, lowres_size=model.low_res_size)
-    test_items = data.split("kvasir", "test")[:max_test]
-    test_samples = preprocess_split(test_items, model.img_size, bbox_shift=5, seed=SEED, lowres_size=model.low_res_size)
-    return KvasirSetup(data, model, reference, calibration, test_items, test_samples)
+) -> DatasetSetup:
+    """:func:`dataset_setup` of Kvasir-SEG."""
+    return dataset_setup(kvasir_root, medsam, sam, cal_size, max_test, device, name="kvasir")
 
 
 def evaluate_summary(model, samples, device, per_image: bool = False) -> dict:
@@ -56,6 +87,50 @@ def evaluate_summary(model, samples, device, per_image: bool = False) -> dict:
     if per_image:
         summary["per_image"] = {k: [float(r[k]) for r in rows] for k in ("dice", "iou", "bf1", "hd95") if k in rows[0]}
     return summary
+
+
+def evaluate_volumes(model, setup: DatasetSetup, device) -> dict:
+    """Per-volume metrics in mm of the test split, by the bundle's own ``evaluate`` workflow.
+
+    The model is saved to a temporary checkpoint and the split manifest beside it, so the bundle scores exactly
+    the test volumes of ``setup`` (native resolution, slice by slice, metrics per volume in mm). Returns the
+    dataset's means and ``per_image`` (per volume, in file order) like :func:`evaluate_summary`.
+    """
+    from medcore_monai.bundle import run_workflow
+    from medcore_monai.networks import save_sam
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = save_sam(model, Path(folder) / "model.pt")
+        setup.data.manifest.save(Path(folder) / "splits.json")
+        run_workflow(
+            "evaluate",
+            ["train.yaml", "evaluate.yaml"],
+            checkpoint=str(checkpoint),
+            data_roots=[setup.root],
+            dataset_names=[setup.name],
+            output_dir=folder,
+            max_eval_images=setup.max_test,
+            latency=False,
+            progress=False,
+            device=f"$torch.device('{device}')",
+        )
+        report = json.loads((Path(folder) / "evaluation" / "evaluation.json").read_text())
+        summary = dict(report["metrics"][setup.name])
+        raw = Path(folder) / "evaluation"
+        summary["per_image"] = {key: _raw_column(raw / f"val_{key}_raw.csv") for key in ("dice", "iou", "bf1", "hd95")}
+    return summary
+
+
+def _raw_column(path: Path) -> list[float]:
+    with path.open() as handle:
+        return [float(row["mean"]) for row in csv.DictReader(handle)]
+
+
+def evaluate(model, setup: DatasetSetup, device) -> dict:
+    """Test-split metrics with per-item values: per image at model size (2-D) or per volume in mm (NIfTI)."""
+    if setup.volumes:
+        return evaluate_volumes(model, setup, device)
+    return evaluate_summary(model, setup.test_samples, device, per_image=True)
 
 
 def paired_bootstrap(a, b, n_bootstrap: int = 2000, seed: int = 0, ci: float = 0.95) -> dict:

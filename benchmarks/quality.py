@@ -1,17 +1,21 @@
-"""Pruning quality on the Kvasir-SEG test split: MedCore (dual) against the baselines at three budgets.
+"""Pruning quality on a test split: MedCore against the baselines at three budgets, with paired comparisons.
 
 Usage::
 
-    python benchmarks/quality.py --kvasir-root ../shared/data/kvasir_seg \
+    python benchmarks/quality.py --data-root ../shared/data/kvasir_seg \
         --medsam bundle/models/medsam_tiny.pth --sam bundle/models/sam_tiny.pth --out docs/benchmarks_quality.json
     # LiteMedSAM: no parent offline, so no dual/reset; budgets by encoder FLOPs; zero with and without the boundary
-    python benchmarks/quality.py --kvasir-root ../shared/data/kvasir_seg --medsam <lite_medsam.pth> \
+    python benchmarks/quality.py --data-root ../shared/data/kvasir_seg --medsam <lite_medsam.pth> \
         --methods zero zero-plain magnitude random:0 --budgets "-49% FLOPs=0.67" --no-dense-recovery \
         --out docs/benchmarks_quality_litemedsam.json
+    # NIfTI volumes (MSD Hippocampus): calibration on training slices, test volumes scored per volume in mm
+    python benchmarks/quality.py --data-root ../shared/data/msd_hippocampus --dataset-name hippocampus ...
 
-The split is the project's standard one (seed 42, 60/20/20, calibration = first ``--cal-size`` training images),
-the same the tiny pair was trained with, so the test images were never used for training, calibration, recovery
-or selection. One calibration (Fisher of the medical model per dataset, of SAM, grouped Taylor) serves every
+The split is the project's standard one (seed 42, 60/20/20, calibration = first ``--cal-size`` training images;
+slices of a volume stay in one split), the same the tiny pair was trained with, so the test images were never used
+for training, calibration, recovery or selection. 2-D test images are scored at the model's input size with
+0-5 px box jitter; test volumes by the bundle's own ``evaluate`` workflow (native resolution, per volume, mm).
+One calibration (Fisher of the medical model per dataset, of SAM, grouped Taylor) serves every
 method, so all methods share the block budgets and the identical recovery (same steps, same sampled images);
 only the ranking inside blocks differs. The dense model gets the same two recoveries without pruning.
 ``zero-plain`` is the zero score without the boundary weighting of the calibration loss: it needs its own Fisher,
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import evaluate_summary, kvasir_setup, paired_bootstrap, write_results
+from common import dataset_setup, evaluate, paired_bootstrap, write_results
 
 from medcore_monai.cascade import recover, run_cascade
 from medcore_monai.engines.measure import model_cost
@@ -98,7 +102,8 @@ def _dense_with_recovery(medsam, calibration, recovery: RecoveryConfig, device) 
 def main() -> None:
     """Run every method and budget and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kvasir-root", required=True)
+    parser.add_argument("--data-root", "--kvasir-root", dest="data_root", required=True, help="images/ + masks/")
+    parser.add_argument("--dataset-name", default="kvasir", help="the dataset's name in the split (default kvasir)")
     parser.add_argument("--medsam", required=True)
     parser.add_argument("--sam", default=None, help="the parent model (dual and reset scores need it)")
     parser.add_argument("--methods", nargs="+", default=None, help="method[:seed] ... (default: all eight)")
@@ -119,8 +124,10 @@ def main() -> None:
     device = torch.device(args.device)
     start = time.perf_counter()
 
-    setup = kvasir_setup(args.kvasir_root, args.medsam, args.sam, args.cal_size, args.max_test, device)
-    medsam, reference, calibration, test_samples = setup.medsam, setup.reference, setup.calibration, setup.test_samples
+    setup = dataset_setup(
+        args.data_root, args.medsam, args.sam, args.cal_size, args.max_test, device, name=args.dataset_name
+    )
+    medsam, reference, calibration = setup.medsam, setup.reference, setup.calibration
     recovery = RecoveryConfig(steps=args.recovery_steps, lr=1e-5, seed=42)
 
     methods, budgets = _parse_methods(args.methods), _parse_budgets(args.budgets)
@@ -129,14 +136,14 @@ def main() -> None:
             "method": "dense (no recovery)",
             "budget": "0%",
             **model_cost(medsam),
-            **evaluate_summary(medsam, test_samples, device, per_image=True),
+            **evaluate(medsam, setup, device),
         }
     ]
     print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
     if not args.no_dense_recovery:
         dense = _dense_with_recovery(medsam, calibration, recovery, device)
         dense_row = {"method": "dense + recovery", "budget": "0%", **model_cost(dense)}
-        rows.append(dense_row | evaluate_summary(dense, test_samples, device, per_image=True))
+        rows.append(dense_row | evaluate(dense, setup, device))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
 
     scored = _score(medsam, calibration, methods, reference, device)
@@ -153,7 +160,7 @@ def main() -> None:
             result = run_cascade(model, calibration, config, reference, device, progress=False, precomputed=precomputed)
             row = {"method": method, "seed": seed, "budget": budget, **model_cost(model)}
             row["achieved"] = [r.achieved_sparsity for r in result.budgets]
-            row |= evaluate_summary(model, test_samples, device, per_image=True)
+            row |= evaluate(model, setup, device)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "per_image"}), flush=True)
     _comparisons(rows)
@@ -164,7 +171,9 @@ def main() -> None:
         device,
         args.threads,
         start,
+        dataset=setup.name,
         test_images=len(setup.test_items),
+        test_volumes=len({item["volume"] for item in setup.test_items}) if setup.volumes else None,
         calibration_images=sum(len(v) for v in calibration.values()),
     )
     _print_summary(rows)
