@@ -131,20 +131,24 @@ def main() -> None:
     recovery = RecoveryConfig(steps=args.recovery_steps, lr=1e-5, seed=42)
 
     methods, budgets = _parse_methods(args.methods), _parse_budgets(args.budgets)
-    rows = [
-        {
-            "method": "dense (no recovery)",
-            "budget": "0%",
-            **model_cost(medsam),
-            **evaluate(medsam, setup, device),
-        }
-    ]
-    print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
+    facts = {
+        "dataset": setup.name,
+        "test_images": len(setup.test_items),
+        "test_volumes": len(list(dict.fromkeys(i["volume"] for i in setup.test_items))[: args.max_test]) if setup.volumes else None,
+        "calibration_images": sum(len(v) for v in calibration.values()),
+    }
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        # every row is written as it comes, so an interrupted run keeps what it measured
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "per_image"}), flush=True)
+        write_results(args.out, rows, device, args.threads, start, complete=False, **facts)
+
+    add({"method": "dense (no recovery)", "budget": "0%", **model_cost(medsam), **evaluate(medsam, setup, device)})
     if not args.no_dense_recovery:
         dense = _dense_with_recovery(medsam, calibration, recovery, device)
-        dense_row = {"method": "dense + recovery", "budget": "0%", **model_cost(dense)}
-        rows.append(dense_row | evaluate(dense, setup, device))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_image"}), flush=True)
+        add({"method": "dense + recovery", "budget": "0%", **model_cost(dense), **evaluate(dense, setup, device)})
 
     scored = _score(medsam, calibration, methods, reference, device)
     for budget, sparsity in budgets.items():
@@ -160,22 +164,9 @@ def main() -> None:
             result = run_cascade(model, calibration, config, reference, device, progress=False, precomputed=precomputed)
             row = {"method": method, "seed": seed, "budget": budget, **model_cost(model)}
             row["achieved"] = [r.achieved_sparsity for r in result.budgets]
-            row |= evaluate(model, setup, device)
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "per_image"}), flush=True)
+            add(row | evaluate(model, setup, device))
     _comparisons(rows)
-
-    write_results(
-        args.out,
-        rows,
-        device,
-        args.threads,
-        start,
-        dataset=setup.name,
-        test_images=len(setup.test_items),
-        test_volumes=len({item["volume"] for item in setup.test_items}) if setup.volumes else None,
-        calibration_images=sum(len(v) for v in calibration.values()),
-    )
+    write_results(args.out, rows, device, args.threads, start, complete=True, **facts)
     _print_summary(rows)
     plot_curves(rows, Path(args.out).with_suffix(".png"))
 
