@@ -131,10 +131,11 @@ def main() -> None:
     recovery = RecoveryConfig(steps=args.recovery_steps, lr=1e-5, seed=42)
 
     methods, budgets = _parse_methods(args.methods), _parse_budgets(args.budgets)
+    volumes = list(dict.fromkeys(item.get("volume") for item in setup.test_items))
     facts = {
         "dataset": setup.name,
         "test_images": len(setup.test_items),
-        "test_volumes": len(list(dict.fromkeys(i["volume"] for i in setup.test_items))[: args.max_test]) if setup.volumes else None,
+        "test_volumes": len(volumes[: args.max_test]) if setup.volumes else None,
         "calibration_images": sum(len(v) for v in calibration.values()),
     }
     rows: list[dict] = []
