@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--no-dense-recovery", action="store_true", help="skip the dense model's recovery row")
     parser.add_argument("--out", default="docs/benchmarks_quality.json")
     parser.add_argument("--cal-size", type=int, default=128)
-    parser.add_argument("--recovery-steps", type=int, default=100)
+    parser.add_argument("--recovery-steps", type=int, default=100, help="steps after each cascade step")
+    parser.add_argument("--recovery-lr", type=float, default=1e-5)
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -128,7 +129,7 @@ def main() -> None:
         args.data_root, args.medsam, args.sam, args.cal_size, args.max_test, device, name=args.dataset_name
     )
     medsam, reference, calibration = setup.medsam, setup.reference, setup.calibration
-    recovery = RecoveryConfig(steps=args.recovery_steps, lr=1e-5, seed=42)
+    recovery = RecoveryConfig(steps=args.recovery_steps, lr=args.recovery_lr, seed=42)
 
     methods, budgets = _parse_methods(args.methods), _parse_budgets(args.budgets)
     volumes = list(dict.fromkeys(item.get("volume") for item in setup.test_items))
