@@ -43,7 +43,7 @@ from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 
 METHODS = [("dual", 0), ("zero", 0), ("reset", 0), ("taylor", 0), ("magnitude", 0), ("random", 0), ("random", 1),
            ("random", 2)]  # fmt: skip
-BUDGETS = {"-30%": 0.32, "-60%": 0.63, "-80%": 0.84}
+BUDGETS = {"-30%": (0.32, 0.32, 0.0), "-60%": (0.63, 0.63, 0.0), "-80%": (0.84, 0.84, 0.0)}
 
 
 def _parse_methods(values: list[str] | None) -> list[tuple[str, int]]:
@@ -56,10 +56,19 @@ def _parse_methods(values: list[str] | None) -> list[tuple[str, int]]:
     return out
 
 
-def _parse_budgets(values: list[str] | None) -> dict[str, float]:
+def _parse_budgets(values: list[str] | None) -> dict[str, tuple[float, float, float]]:
+    """``label=s`` (heads and MLP channels) or ``label=heads,mlp[,mbconv]`` -> label: (heads, mlp, mbconv)."""
     if not values:
         return BUDGETS
-    return {label: float(sparsity) for label, _, sparsity in (v.rpartition("=") for v in values)}
+    out = {}
+    for label, _, spec in (v.rpartition("=") for v in values):
+        parts = [float(p) for p in spec.split(",")]
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) not in (2, 3):
+            raise SystemExit(f"budget {label!r}: give one sparsity or heads,mlp[,mbconv], got {spec!r}")
+        out[label] = (parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0)
+    return out
 
 
 def _score(medsam, calibration, methods, reference, device):
@@ -107,7 +116,9 @@ def main() -> None:
     parser.add_argument("--medsam", required=True)
     parser.add_argument("--sam", default=None, help="the parent model (dual and reset scores need it)")
     parser.add_argument("--methods", nargs="+", default=None, help="method[:seed] ... (default: all eight)")
-    parser.add_argument("--budgets", nargs="+", default=None, help="label=sparsity ... (default: -30/-60/-80 %%)")
+    parser.add_argument(
+        "--budgets", nargs="+", default=None, help="label=sparsity or label=heads,mlp[,mbconv] (default -30/-60/-80 %%)"
+    )
     parser.add_argument("--no-dense-recovery", action="store_true", help="skip the dense model's recovery row")
     parser.add_argument("--out", default="docs/benchmarks_quality.json")
     parser.add_argument("--cal-size", type=int, default=128)
@@ -153,12 +164,13 @@ def main() -> None:
         add({"method": "dense + recovery", "budget": "0%", **model_cost(dense), **evaluate(dense, setup, device)})
 
     scored = _score(medsam, calibration, methods, reference, device)
-    for budget, sparsity in budgets.items():
+    for budget, (heads, mlp, mbconv) in budgets.items():
         for (method, seed), precomputed in scored.items():
             model = copy.deepcopy(medsam)
             config = CascadeConfig(
-                head_sparsity=sparsity,
-                mlp_sparsity=sparsity,
+                head_sparsity=heads,
+                mlp_sparsity=mlp,
+                mbconv_sparsity=mbconv,
                 score="zero" if method == "zero-plain" else method,
                 seed=seed,
                 recovery=recovery,

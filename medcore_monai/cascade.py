@@ -164,4 +164,5 @@ def run_cascade(
         timing=pruning.timing,
         kept_heads=kept_heads,
         kept_channels=kept_channels,
+        kept_convs=pruning.kept_convs(trainer),
     )

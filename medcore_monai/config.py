@@ -301,7 +301,7 @@ def architecture_problems(medsam_ckpt: str, sam_ckpt: str) -> list[str]:
     def dense(path: str):
         obj = read_checkpoint(path)
         config = checkpoint_config(extract_state_dict(obj, source=path), checkpoint_manifest(obj), "auto", path)
-        return replace(config, block_heads=None, block_mlp_dims=None, name="")
+        return replace(config.dense(), name="")
 
     try:
         medical, parent = dense(medsam_ckpt), dense(sam_ckpt)

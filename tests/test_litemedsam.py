@@ -157,10 +157,11 @@ def test_slimming_equals_masking_in_every_block():
     sam = _small_sam()
     medsam = MedSAM(sam).eval()
     structure = encoder_structure(sam.image_encoder)
-    masks = StructuredMasks.full(structure)
+    masks = StructuredMasks.for_encoder(sam.image_encoder)
     for i, blk in enumerate(structure):  # a different head and a third of the channels in every block
         masks.heads[i][i % blk.num_heads] = False
         masks.channels[i][i % 3 :: 3] = False
+    masks.convs[0][1::3] = False  # and a third of the MBConv hidden channels
     images, boxes = torch.rand(2, 3, 64, 64), torch.tensor([[5.0, 8.0, 50.0, 40.0], [0.0, 0.0, 63.0, 63.0]])
     with torch.no_grad():
         dense = medsam(images, boxes)
@@ -171,19 +172,23 @@ def test_slimming_equals_masking_in_every_block():
     assert (masked - dense).abs().max() > 1e-3  # the masks change the output
     torch.testing.assert_close(slim, masked, atol=1e-4, rtol=1e-4)
     assert [b.attn.attention_biases.shape[0] for b in sam.image_encoder.prunable_blocks()] == [1, 1, 1, 1, 3]
+    assert [b.conv2.c.groups for b in sam.image_encoder.conv_blocks()] == [43]  # depthwise at its new width
 
 
 def test_a_compact_checkpoint_reloads_with_its_widths_and_kept_indices(tmp_path):
     sam = _small_sam(seed=1)
-    masks = StructuredMasks.full(encoder_structure(sam.image_encoder))
+    masks = StructuredMasks.for_encoder(sam.image_encoder)
     masks.heads[4][[0, 2]] = False
     masks.channels[1][:40] = False
+    masks.convs[0][10:] = False
     slim_encoder_(sam.image_encoder, masks)
     path = save_sam(sam, tmp_path / "compact.pt")
     loaded = load_sam(path)
     assert loaded.medcore_config.block_heads == (2, 2, 2, 2, 2)
     assert loaded.medcore_config.block_mlp_dims == (128, 88, 160, 160, 320)
+    assert loaded.medcore_config.mbconv_hidden_dims == (10,)
     assert model_manifest(loaded)["blocks"][4]["kept_heads"] == [1, 3]
+    assert model_manifest(loaded)["conv_blocks"] == [{"hidden_dim": 10, "kept_channels": list(range(10))}]
     images, boxes = torch.rand(1, 3, 64, 64), torch.tensor([[5.0, 8.0, 50.0, 40.0]])
     with torch.no_grad():
         torch.testing.assert_close(MedSAM(loaded).eval()(images, boxes), MedSAM(sam).eval()(images, boxes))
@@ -240,6 +245,7 @@ def pruned_run(polyps, tmp_path_factory):
     checkpoint = save_sam(_small_sam(seed=4), folder / "lite_small.pt")
     out = folder / "run"
     settings = {"leverage": True, "leverage_head_levels": [0.3, 0.6], "leverage_mlp_levels": [0.3, 0.6]}
+    settings["mbconv_sparsity"] = 0.25
     return run_prune(**_prune_settings(checkpoint, polyps, out, **settings)), out
 
 
@@ -248,11 +254,13 @@ def test_prune_run_slims_a_tinyvit_model_without_a_parent(pruned_run):
     import json
 
     report, out = pruned_run
-    heads, channels = report["budgets"]
+    heads, channels, mbconv = report["budgets"]
     assert heads["total"] == 12 and heads["achieved"] == 6  # 2 + 2 + 2 + 2 + 4 dense heads, half removed
     assert channels["total"] == 2 * 128 + 2 * 160 + 320 and channels["achieved"] == channels["total"] // 2
+    assert mbconv["family"] == "mbconv" and mbconv["total"] == 64 and mbconv["achieved"] == 16
     pruned = load_sam(out / "model_pruned.pt")
     assert isinstance(pruned.medcore_config, TinyViTConfig) and pruned.medcore_config.is_compact
+    assert pruned.medcore_config.mbconv_hidden_dims == (48,) and len(report["kept_mbconv_channels"][0]) == 48
     assert count_parameters(pruned.image_encoder) == report["cost"]["after"]["encoder_params"]
     assert report["cost"]["after"]["encoder_flops"] < report["cost"]["before"]["encoder_flops"]
     assert json.loads((out / "report.json").read_text())["budgets"] == report["budgets"]
@@ -326,9 +334,10 @@ def test_a_compact_tinyvit_encoder_exports_and_matches_eager(tmp_path, kind):
     from medcore_monai.networks.export import export_onnx, export_torchscript, write_export_manifest
 
     sam = _small_sam(seed=6)
-    masks = StructuredMasks.full(encoder_structure(sam.image_encoder))
+    masks = StructuredMasks.for_encoder(sam.image_encoder)
     masks.heads[2][1] = False
     masks.channels[4][::2] = False
+    masks.convs[0][::4] = False
     slim_encoder_(sam.image_encoder, masks)
     images = torch.rand(3, 3, 64, 64)
     with torch.no_grad():

@@ -105,6 +105,7 @@ class PruneReport:
             "budgets": pruning.budgets,
             "kept_heads": kept_heads,
             "kept_channels": kept_channels,
+            "kept_mbconv_channels": pruning.kept_convs(engine),
             "cost": {"before": {k: dense[k] for k in _COST_KEYS}, "after": {k: final[k] for k in _COST_KEYS}},
             "reduction": {k: 1.0 - final[k] / dense[k] for k in ("encoder_params", "total_params", "encoder_flops")},
             "metrics": {d: {"before": before[d], "after": after.get(d, {})} for d in before},

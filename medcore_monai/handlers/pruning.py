@@ -1,6 +1,7 @@
 """The MedCore cascade as Ignite handlers on a :class:`medcore_monai.engines.RecoveryTrainer`.
 
-One trainer epoch is one cascade stage (heads, then MLP channels). :class:`PruningHandler` calibrates and scores
+One trainer epoch is one cascade stage (heads, then MLP channels, with TinyViT's MBConv hidden channels when
+``mbconv_sparsity`` asks for them: both are feed-forward channels). :class:`PruningHandler` calibrates and scores
 when the trainer starts, and at each epoch start plans the stage's removals, slims the network, rebuilds the
 optimizer and re-wraps DDP; recovery then trains through the epoch. :class:`StageRecorder` records the model's
 cost and the evaluator's metrics after every evaluation (``ValidationHandler`` with ``exec_at_start``: the dense
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..engines.distributed import data_parallel
 from ..engines.measure import model_cost
+from ..networks.conv_groups import conv_blocks, conv_kept_indices
 from ..pruning.cascade import CascadeConfig, CascadeState, initial_scores
 from ..pruning.fisher import FisherCalibration
 from .checkpointing import register_state, resumed_state
@@ -105,6 +107,7 @@ class PruningHandler:
         """Calibrate and score the model once (a resumed run keeps its scores)."""
         if self.scores is not None:
             return
+        self._check_mbconv(_model(engine.network))
         state = self._cascade_state(engine)
         if self.precomputed is not None:
             self.scores, self.details, self.sensitivity = self.precomputed
@@ -112,6 +115,13 @@ class PruningHandler:
             self.scores, self.details, self.sensitivity, self.fisher_sam, self.sam_weights = initial_scores(state)
         self.fisher_counts.update(state.fisher_counts)
         self.timing.update(state.timing)
+
+    def _check_mbconv(self, model: nn.Module) -> None:
+        if self.cascade.mbconv_sparsity and not conv_blocks(model.image_encoder):
+            raise ValueError(
+                f"mbconv_sparsity {self.cascade.mbconv_sparsity} asks to prune MBConv hidden channels, but this "
+                "encoder has no MBConv blocks (only LiteMedSAM's TinyViT has them): set mbconv_sparsity to 0"
+            )
 
     def prune_stage(self, engine: Engine) -> None:
         """Remove this epoch's family (heads, then channels), slim, and give the trainer a fresh optimizer."""
@@ -125,15 +135,29 @@ class PruningHandler:
             self.scores, _ = state.timed("scores", state.scores, fishers, self.fisher_sam, self.sam_weights)
             self.sensitivity = state.sensitivity(fishers)
             self.details["mlp_scores_recomputed"] = torch.cat(self.scores.channels).cpu().numpy()
+            if self.scores.convs:
+                self.details["mbconv_scores_recomputed"] = torch.cat(self.scores.convs).cpu().numpy()
+                self.details["mbconv_sensitivity"] = state.conv_sensitivity(fishers).numpy()
             self.fisher_counts.update(state.fisher_counts)
         heads = self.scores.heads if stage == "heads" else None
         channels = self.scores.channels if stage == "mlp" else None
-        self.budgets.append(state.plan(heads, channels, self.sensitivity, stage).to_dict())
+        convs, conv_sensitivity = self._conv_plan(stage)
+        reports = state.plan(heads, channels, self.sensitivity, stage, convs, conv_sensitivity)
+        self.budgets.extend(report.to_dict() for report in reports)
         self.applied.append(stage)
         self.timing["plan"] = self.timing.get("plan", 0.0) + time.perf_counter() - start
         self.timing.update({k: v for k, v in state.timing.items() if k != "plan"})
         self._rewrap(engine)
-        logger.info("pruned %s: %d of %d removed", stage, self.budgets[-1]["achieved"], self.budgets[-1]["total"])
+        for report in reports:
+            logger.info("pruned %s: %d of %d removed", report.family, report.achieved, report.total)
+
+    def _conv_plan(self, stage: str) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        """MBConv scores and sensitivity for the MLP stage, when the cascade asks for MBConv pruning."""
+        if stage != "mlp" or not self.cascade.mbconv_sparsity:
+            return None, None
+        if not self.scores.convs:
+            raise ValueError("mbconv_sparsity > 0 needs an encoder with MBConv blocks (LiteMedSAM's TinyViT)")
+        return self.scores.convs, torch.as_tensor(np.asarray(self.details["mbconv_sensitivity"]))
 
     def _rewrap(self, engine: Engine) -> None:
         if hasattr(engine, "rebuild_optimizer"):  # a RecoveryTrainer re-wraps DDP around the slimmed model
@@ -154,10 +178,19 @@ class PruningHandler:
         blocks = prunable_blocks(_model(getattr(engine_or_model, "network", engine_or_model)).image_encoder)
         return [kept_indices(b)[0] for b in blocks], [kept_indices(b)[1] for b in blocks]
 
+    def kept_convs(self, engine_or_model: Any) -> list[list[int]]:
+        """Kept MBConv hidden channels per MBConv block (original indices; empty for SAM's ViT)."""
+        if self.state is not None:
+            return self.state.kept_convs()
+        encoder = _model(getattr(engine_or_model, "network", engine_or_model)).image_encoder
+        return [conv_kept_indices(b) for b in conv_blocks(encoder)]
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the scores, budgets and stages done."""
         return {
-            "scores": None if self.scores is None else {"heads": self.scores.heads, "channels": self.scores.channels},
+            "scores": None
+            if self.scores is None
+            else {"heads": self.scores.heads, "channels": self.scores.channels, "convs": self.scores.convs},
             "details": {k: torch.as_tensor(np.asarray(v)) for k, v in (self.details or {}).items()},
             "sensitivity": self.sensitivity,
             "budgets": self.budgets,
@@ -171,7 +204,8 @@ class PruningHandler:
         from ..pruning.scores import GroupScores
 
         if state["scores"] is not None:
-            self.scores = GroupScores(list(state["scores"]["heads"]), list(state["scores"]["channels"]))
+            scores = state["scores"]
+            self.scores = GroupScores(list(scores["heads"]), list(scores["channels"]), list(scores.get("convs", [])))
         self.details = {k: v.numpy() for k, v in state["details"].items()}
         self.sensitivity = state["sensitivity"]
         self.budgets, self.applied = list(state["budgets"]), list(state["applied"])

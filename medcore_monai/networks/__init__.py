@@ -2,7 +2,8 @@
 
 Modules depend on each other one way only::
 
-    config, checkpoint, structure, sam_import, robust_decoder    (leaves)
+    config, checkpoint, conv_groups, sam_import, robust_decoder  (leaves)
+      <- structure     heads, MLP channels (and the MBConv channels of conv_groups): masks, slimming, FLOPs
       <- tiny_vit      LiteMedSAM's TinyViT image encoder; litemedsam: where its weights are
       <- manifest      architecture/width manifest, ModelManifest for checkpoint handlers
       <- medsam        MedSAM, RobustMedSAM, as_medsam, early-feature capture
@@ -32,6 +33,7 @@ from .checkpoint import (
     read_model_state,
 )
 from .config import SAM_PRESETS, SamConfig, TinyViTConfig, config_from_dict, get_preset, infer_sam_config
+from .conv_groups import ConvBlockStructure, conv_blocks, conv_structure
 from .fusion import FusionReport, fuse_checkpoints, fuse_state_dicts, strip_robust_decoder
 from .litemedsam import litemedsam_checkpoint
 from .manifest import ModelManifest, model_manifest
@@ -59,6 +61,7 @@ from .structure import (
 
 __all__ = [
     "BlockStructure",
+    "ConvBlockStructure",
     "FusionReport",
     "RobustMaskDecoder",
     "RobustMedSAM",
@@ -78,6 +81,8 @@ __all__ = [
     "StructuredMasks",
     "TinyViTConfig",
     "config_from_dict",
+    "conv_blocks",
+    "conv_structure",
     "litemedsam_checkpoint",
     "mlp_layers",
     "prunable_blocks",

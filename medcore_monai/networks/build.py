@@ -48,6 +48,7 @@ from .config import (
 from .manifest import (
     DECODER_NAME,
     checked_blocks,
+    checked_conv_blocks,
     compact_manifest,
     current_config,
     model_manifest,
@@ -105,6 +106,7 @@ def _image_encoder(config: ModelConfig) -> nn.Module:
             merge_strides=config.merge_strides,
             block_heads=config.block_heads,
             block_mlp_dims=config.block_mlp_dims,
+            mbconv_hidden_dims=config.mbconv_hidden_dims,
             out_chans=config.out_chans,
         )
     return sam_modeling().ImageEncoderViT(
@@ -249,7 +251,8 @@ def _from_checkpoint(obj: Any, source: str, model_type: str, robust: bool) -> nn
     sam = build_robust_sam(config) if robust else build_sam(config)
     load_state_dict_strict(sam, state, source=source)
     if manifest is not None:
-        restore_kept_indices(sam, checked_blocks(manifest.get("blocks"), config, source))
+        conv_entries = checked_conv_blocks(manifest.get("conv_blocks"), config, source)
+        restore_kept_indices(sam, checked_blocks(manifest.get("blocks"), config, source), conv_entries)
     return sam
 
 

@@ -49,6 +49,10 @@ class _PerBlockWidths:
         """MLP hidden width of (prunable) block ``block``."""
         return self.block_mlp_dims[block] if self.block_mlp_dims is not None else self.dense_mlp_dims[block]
 
+    def dense(self):
+        """The same architecture at its dense widths."""
+        return replace(self, block_heads=None, block_mlp_dims=None)
+
     def with_widths(self, heads: Sequence[int], mlp_dims: Sequence[int]):
         """Copy with per-block widths (all-dense collapses to ``None``)."""
         heads_t, mlp_t = tuple(int(h) for h in heads), tuple(int(m) for m in mlp_dims)
@@ -153,7 +157,8 @@ class TinyViTConfig(_PerBlockWidths):
     """Architecture of a SAM with LiteMedSAM's TinyViT image encoder (:class:`.tiny_vit.TinyViTEncoder`).
 
     Stage 0 is MBConv; stages 1-3 hold the attention blocks, numbered 0..``depth - 1`` across stages, whose
-    ``block_heads`` / ``block_mlp_dims`` record compact (pruned) widths (``None``: dense). ``stage_heads[0]`` is unused.
+    ``block_heads`` / ``block_mlp_dims`` record compact (pruned) widths (``None``: dense). ``mbconv_hidden_dims``
+    records the hidden widths of the stage-0 MBConv blocks (``None``: dense). ``stage_heads[0]`` is unused.
     """
 
     img_size: int = 256
@@ -168,6 +173,7 @@ class TinyViTConfig(_PerBlockWidths):
     name: str = "litemedsam"
     block_heads: tuple[int, ...] | None = None
     block_mlp_dims: tuple[int, ...] | None = None
+    mbconv_hidden_dims: tuple[int, ...] | None = None
 
     family = "tinyvit"
 
@@ -191,6 +197,37 @@ class TinyViTConfig(_PerBlockWidths):
                 raise ValueError(f"{label} has {len(widths)} entries for {self.depth} attention blocks")
             if any(not 1 <= w <= d for w, d in zip(widths, dense)):
                 raise ValueError(f"{label} {list(widths)} must lie in 1..{list(dense)} per block")
+        if self.mbconv_hidden_dims is not None:
+            dense = self.dense_mbconv_hidden_dims
+            if len(self.mbconv_hidden_dims) != len(dense):
+                count = len(self.mbconv_hidden_dims)
+                raise ValueError(f"mbconv_hidden_dims has {count} entries for {len(dense)} MBConv blocks")
+            if any(not 1 <= w <= d for w, d in zip(self.mbconv_hidden_dims, dense)):
+                raise ValueError(f"mbconv_hidden_dims {list(self.mbconv_hidden_dims)} must lie in 1..{dense[0]}")
+
+    @property
+    def is_compact(self) -> bool:
+        """Whether any attention block or MBConv block is narrower than the dense width."""
+        return super().is_compact or self.mbconv_hidden_dims is not None
+
+    @property
+    def dense_mbconv_hidden_dims(self) -> tuple[int, ...]:
+        """Dense hidden width of each stage-0 MBConv block."""
+        return (int(self.embed_dims[0] * self.mbconv_expand),) * self.depths[0]
+
+    def mbconv_hidden_of(self, block: int) -> int:
+        """Hidden width of MBConv block ``block``."""
+        dims = self.mbconv_hidden_dims or self.dense_mbconv_hidden_dims
+        return dims[block]
+
+    def dense(self) -> TinyViTConfig:
+        """The same architecture at its dense widths (attention blocks and MBConv blocks)."""
+        return replace(self, block_heads=None, block_mlp_dims=None, mbconv_hidden_dims=None)
+
+    def with_mbconv_widths(self, hidden: Sequence[int]) -> TinyViTConfig:
+        """Copy with MBConv hidden widths (all-dense collapses to ``None``)."""
+        widths = tuple(int(w) for w in hidden)
+        return replace(self, mbconv_hidden_dims=None if widths == self.dense_mbconv_hidden_dims else widths)
 
     @property
     def depth(self) -> int:

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..files import atomic_path
 from .build import compact_manifest, current_config, file_sha256
+from .manifest import compact_conv_manifest
 from .structure import count_parameters, encoder_flops
 
 __all__ = [
@@ -454,6 +455,7 @@ def write_export_manifest(
         "format_version": MANIFEST_VERSION,
         "config": current_config(model).to_dict(),
         "blocks": compact_manifest(model),
+        "conv_blocks": compact_conv_manifest(model),
         "encoder_params": count_parameters(encoder),
         "total_params": count_parameters(model),
         "encoder_flops": encoder_flops(encoder),

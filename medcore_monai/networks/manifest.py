@@ -17,7 +17,8 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .config import ModelConfig, infer_sam_config
+from .config import ModelConfig, TinyViTConfig, infer_sam_config
+from .conv_groups import conv_blocks, conv_kept_indices
 from .robust_decoder import RobustMaskDecoder
 from .structure import kept_indices, mlp_layers, prunable_blocks
 
@@ -25,6 +26,8 @@ __all__ = [
     "DECODER_NAME",
     "ModelManifest",
     "checked_blocks",
+    "checked_conv_blocks",
+    "compact_conv_manifest",
     "compact_manifest",
     "current_config",
     "dense_blocks",
@@ -63,17 +66,39 @@ def compact_manifest(sam: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
+def compact_conv_manifest(sam: nn.Module) -> list[dict[str, Any]]:
+    """Hidden width and original kept channel indices of each MBConv block (``[]`` for SAM's ViT)."""
+    return [
+        {"hidden_dim": blk.conv1.c.out_channels, "kept_channels": conv_kept_indices(blk)}
+        for blk in conv_blocks(unwrap_model(sam).image_encoder)
+    ]
+
+
 def current_config(sam: nn.Module) -> ModelConfig:
     """The architecture of ``sam`` as it is now (after any slimming)."""
     sam = unwrap_model(sam)
     base = getattr(sam, "medcore_config", None) or infer_sam_config(sam.state_dict())
     blocks = prunable_blocks(sam.image_encoder)
-    return base.with_widths([b.attn.num_heads for b in blocks], [mlp_layers(b)[0].out_features for b in blocks])
+    config = base.with_widths([b.attn.num_heads for b in blocks], [mlp_layers(b)[0].out_features for b in blocks])
+    if isinstance(config, TinyViTConfig):
+        config = config.with_mbconv_widths([b.conv1.c.out_channels for b in conv_blocks(sam.image_encoder)])
+    return config
 
 
-def make_manifest(config: ModelConfig, blocks: list[dict[str, Any]], robust_decoder: bool = False) -> dict[str, Any]:
-    """The manifest dict: ``{"config", "blocks"}`` plus ``"decoder": "robustsam"`` for RobustSAM decoders."""
+def make_manifest(
+    config: ModelConfig,
+    blocks: list[dict[str, Any]],
+    robust_decoder: bool = False,
+    conv_blocks: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The manifest dict.
+
+    ``{"config", "blocks"}``, plus ``"conv_blocks"`` for MBConv blocks (TinyViT) and ``"decoder": "robustsam"``
+    for RobustSAM decoders.
+    """
     manifest: dict[str, Any] = {"config": config.to_dict(), "blocks": blocks}
+    if conv_blocks:
+        manifest["conv_blocks"] = conv_blocks
     if robust_decoder:
         manifest["decoder"] = DECODER_NAME
     return manifest
@@ -88,7 +113,7 @@ def model_manifest(model: nn.Module) -> dict[str, Any]:
     """
     model = unwrap_model(model)
     robust = isinstance(getattr(model, "mask_decoder", None), RobustMaskDecoder)
-    return make_manifest(current_config(model), compact_manifest(model), robust_decoder=robust)
+    return make_manifest(current_config(model), compact_manifest(model), robust, compact_conv_manifest(model))
 
 
 def dense_blocks(config: ModelConfig) -> list[dict[str, Any]]:
@@ -122,10 +147,48 @@ def checked_blocks(blocks: Any, config: ModelConfig, source: str) -> list[dict[s
     return [dict(entry) for entry in blocks]
 
 
-def restore_kept_indices(sam: nn.Module, blocks: list[Mapping[str, Any]]) -> None:
-    """Set each encoder block's record of its kept original heads and MLP channels from a block manifest."""
-    for blk, entry in zip(prunable_blocks(unwrap_model(sam).image_encoder), blocks):
+def checked_conv_blocks(entries: Any, config: ModelConfig, source: str) -> list[dict[str, Any]]:
+    """The manifest's MBConv entries, checked against the config.
+
+    A manifest without them (written before MBConv pruning existed) means dense MBConv blocks, which the config
+    must then say too.
+
+    Raises:
+        CheckpointError: for an entry count or a kept-channel count that differs from the config.
+    """
+    if not isinstance(config, TinyViTConfig):
+        if entries:
+            raise CheckpointError(f"{source}: manifest lists MBConv blocks for an encoder without them")
+        return []
+    widths = [config.mbconv_hidden_of(i) for i in range(config.depths[0])]
+    if entries is None:
+        if config.mbconv_hidden_dims is not None:
+            raise CheckpointError(f"{source}: manifest lacks the MBConv blocks' kept channels of a compact encoder")
+        return [{"hidden_dim": w, "kept_channels": list(range(w))} for w in widths]
+    if not isinstance(entries, list) or len(entries) != len(widths):
+        raise CheckpointError(f"{source}: manifest lists {len(entries or [])} MBConv blocks, the config {len(widths)}")
+    for i, (entry, width) in enumerate(zip(entries, widths)):
+        if len(entry["kept_channels"]) != width:
+            raise CheckpointError(
+                f"{source}: manifest MBConv block {i} keeps {len(entry['kept_channels'])} hidden channels but the "
+                f"config says {width}"
+            )
+    return [dict(entry) for entry in entries]
+
+
+def restore_kept_indices(
+    sam: nn.Module, blocks: list[Mapping[str, Any]], conv_entries: list[Mapping[str, Any]] = ()
+) -> None:
+    """Set the blocks' record of the original indices they keep.
+
+    Attention blocks take their heads and MLP channels from ``blocks``; MBConv blocks their hidden channels from
+    ``conv_entries``.
+    """
+    encoder = unwrap_model(sam).image_encoder
+    for blk, entry in zip(prunable_blocks(encoder), blocks):
         blk.medcore_kept_heads = list(entry["kept_heads"])
+        blk.medcore_kept_channels = list(entry["kept_channels"])
+    for blk, entry in zip(conv_blocks(encoder), conv_entries):
         blk.medcore_kept_channels = list(entry["kept_channels"])
 
 
@@ -174,9 +237,16 @@ class ModelManifest:
                 "checkpoint manifest does not match the network's encoder widths (build the network from the "
                 "checkpoint with medcore_monai.networks.load_sam / load_medsam instead):\n  " + "\n  ".join(diffs[:12])
             )
+        stored_convs = [int(e["hidden_dim"]) for e in state.get("conv_blocks") or []]
+        actual_convs = [int(e["hidden_dim"]) for e in current.get("conv_blocks") or []]
+        if stored_convs and stored_convs != actual_convs:
+            raise CheckpointError(
+                f"checkpoint manifest's MBConv hidden widths {stored_convs} differ from the network's {actual_convs} "
+                "(build the network from the checkpoint with medcore_monai.networks.load_sam / load_medsam instead)"
+            )
         if state.get("decoder") != current.get("decoder"):
             raise CheckpointError(
                 f"checkpoint manifest names decoder {state.get('decoder')!r}, the network has "
                 f"{current.get('decoder')!r}"
             )
-        restore_kept_indices(self.network, stored_blocks)
+        restore_kept_indices(self.network, stored_blocks, list(state.get("conv_blocks") or []))

@@ -6,7 +6,8 @@ Group definitions (``d`` = head_dim, ``E`` = embed dim). SAM's ViT (every size):
   (weight and bias) and columns ``h*d .. h*d+d-1`` of ``attn.proj.weight``;
 * MLP channel ``n`` owns row ``n`` of ``mlp.lin1`` (weight and bias) and column ``n`` of ``mlp.lin2.weight``.
 
-LiteMedSAM's TinyViT (:mod:`.tiny_vit`; its attention blocks, stage 0's MBConv blocks hold no groups):
+LiteMedSAM's TinyViT (:mod:`.tiny_vit`; its attention blocks; stage 0's MBConv hidden channels are the
+convolutional groups of :mod:`.conv_groups`, which :class:`StructuredMasks` carries as ``convs``):
 
 * head ``h`` owns the contiguous rows ``h*3d .. (h+1)*3d-1`` of ``attn.qkv`` (``q_h | k_h | v_h``), columns
   ``h*d .. h*d+d-1`` of ``attn.proj.weight`` and row ``h`` of ``attn.attention_biases``;
@@ -22,11 +23,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .conv_groups import conv_blocks, conv_masks_multiplier, conv_structure, slim_conv_block_
 
 __all__ = [
     "BlockStructure",
@@ -289,18 +292,29 @@ def block_flops(encoder: nn.Module) -> list[int]:
 
 @dataclass
 class StructuredMasks:
-    """Keep-masks per block (1 keep, 0 removed) for heads and MLP channels of a dense encoder."""
+    """Keep-masks (1 keep, 0 removed) of the encoder's prunable groups.
+
+    Per block for heads and MLP channels; per MBConv block for its hidden channels (``convs``: empty for SAM's ViT,
+    and for callers that leave the MBConv stage alone).
+    """
 
     heads: list[torch.Tensor]
     channels: list[torch.Tensor]
+    convs: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def full(cls, structure: Sequence[BlockStructure]) -> StructuredMasks:
-        """Masks that keep everything."""
+    def full(cls, structure: Sequence[BlockStructure], conv_widths: Sequence[int] = ()) -> StructuredMasks:
+        """Masks that keep everything (``conv_widths``: hidden widths of the MBConv blocks to cover)."""
         return cls(
             heads=[torch.ones(b.num_heads, dtype=torch.bool) for b in structure],
             channels=[torch.ones(b.mlp_dim, dtype=torch.bool) for b in structure],
+            convs=[torch.ones(int(w), dtype=torch.bool) for w in conv_widths],
         )
+
+    @classmethod
+    def for_encoder(cls, encoder: nn.Module) -> StructuredMasks:
+        """Masks that keep every head, MLP channel and MBConv hidden channel of ``encoder`` as it is now."""
+        return cls.full(encoder_structure(encoder), [b.hidden_dim for b in conv_structure(encoder)])
 
     def kept_heads(self) -> list[list[int]]:
         """Indices of kept heads per block."""
@@ -310,11 +324,20 @@ class StructuredMasks:
         """Indices of kept MLP channels per block."""
         return [torch.nonzero(m).flatten().tolist() for m in self.channels]
 
+    def kept_convs(self) -> list[list[int]]:
+        """Indices of kept MBConv hidden channels per MBConv block."""
+        return [torch.nonzero(m).flatten().tolist() for m in self.convs]
+
     def intersect(self, other: StructuredMasks) -> StructuredMasks:
-        """Groups kept by both (removed groups never return)."""
+        """Groups kept by both (removed groups never return; a side without conv masks keeps every channel)."""
+        if self.convs and other.convs:
+            convs = [a & b for a, b in zip(self.convs, other.convs)]
+        else:
+            convs = list(self.convs or other.convs)
         return StructuredMasks(
             heads=[a & b for a, b in zip(self.heads, other.heads)],
             channels=[a & b for a, b in zip(self.channels, other.channels)],
+            convs=convs,
         )
 
 
@@ -350,9 +373,12 @@ def attach_masks(encoder: nn.Module, masks: StructuredMasks) -> _MaskHandles:
     """Zero the outputs of removed heads and MLP channels with forward pre-hooks on proj / lin2.
 
     Acting on activations means removed groups contribute exactly nothing and get zero gradient, so
-    the dense masked model computes what the slimmed model computes.
+    the dense masked model computes what the slimmed model computes. MBConv hidden-channel masks (``convs``)
+    act the same way on the input of each block's ``conv3``.
     """
     handles = []
+    for blk, conv_mask in zip(conv_blocks(encoder), masks.convs):
+        handles.append(blk.conv3.register_forward_pre_hook(conv_masks_multiplier(conv_mask)))
     for blk, head_mask, channel_mask in zip(prunable_blocks(encoder), masks.heads, masks.channels):
         head_dim = blk.attn.qkv.out_features // (3 * blk.attn.num_heads)
         proj_mask = head_mask.repeat_interleave(head_dim)
@@ -426,7 +452,12 @@ def slim_block_(block: nn.Module, keep_heads: Sequence[int] | None, keep_channel
 
 
 def slim_encoder_(encoder: nn.Module, masks: StructuredMasks) -> nn.Module:
-    """Physically remove every group that ``masks`` marks as removed (indices relative to the current widths)."""
+    """Physically remove every group that ``masks`` marks as removed (indices relative to the current widths).
+
+    MBConv blocks are slimmed only when ``masks.convs`` covers them.
+    """
     for blk, heads, channels in zip(prunable_blocks(encoder), masks.kept_heads(), masks.kept_channels()):
         slim_block_(blk, heads, channels)
+    for blk, kept in zip(conv_blocks(encoder), masks.kept_convs()):
+        slim_conv_block_(blk, kept)
     return encoder

@@ -67,11 +67,14 @@ class PatchEmbed(nn.Module):
 
 
 class MBConv(nn.Module):
-    """Inverted residual: 1x1 expand, depthwise 3x3, 1x1 project, residual, GELU."""
+    """Inverted residual: 1x1 expand, depthwise 3x3, 1x1 project, residual, GELU.
 
-    def __init__(self, dim: int, expand_ratio: float) -> None:
+    ``hidden`` (default ``dim * expand_ratio``) is narrower in a compact encoder whose hidden channels were pruned.
+    """
+
+    def __init__(self, dim: int, expand_ratio: float, hidden: int | None = None) -> None:
         super().__init__()
-        hidden = int(dim * expand_ratio)
+        hidden = int(dim * expand_ratio) if hidden is None else int(hidden)
         self.conv1 = Conv2dBN(dim, hidden)
         self.act1 = nn.GELU()
         self.conv2 = Conv2dBN(hidden, hidden, 3, groups=hidden)
@@ -233,6 +236,7 @@ class TinyViTEncoder(nn.Module):
         merge_strides: stride of the :class:`PatchMerging` after stages 0, 1 and 2.
         block_heads: heads of each attention block (compact encoders); ``None`` for dense.
         block_mlp_dims: MLP hidden width of each attention block; ``None`` for dense.
+        mbconv_hidden_dims: hidden width of each stage-0 MBConv block; ``None`` for dense.
         out_chans: width of the image embedding (SAM's 256).
     """
 
@@ -248,6 +252,7 @@ class TinyViTEncoder(nn.Module):
         merge_strides: Sequence[int] = (2, 2, 1),
         block_heads: Sequence[int] | None = None,
         block_mlp_dims: Sequence[int] | None = None,
+        mbconv_hidden_dims: Sequence[int] | None = None,
         out_chans: int = 256,
     ) -> None:
         super().__init__()
@@ -272,7 +277,10 @@ class TinyViTEncoder(nn.Module):
             size = (resolutions[stage], resolutions[stage])
             return PatchMerging(size, embed_dims[stage], embed_dims[stage + 1], merge_strides[stage])
 
-        mbconv = [MBConv(embed_dims[0], mbconv_expand) for _ in range(depths[0])]
+        hidden = list(mbconv_hidden_dims or [int(embed_dims[0] * mbconv_expand)] * depths[0])
+        if len(hidden) != depths[0]:
+            raise ValueError(f"give hidden widths for all {depths[0]} MBConv blocks")
+        mbconv = [MBConv(embed_dims[0], mbconv_expand, width) for width in hidden]
         self.layers = nn.ModuleList([Stage(mbconv, merge(0))])
         block = 0
         for stage in range(1, len(depths)):
@@ -295,6 +303,10 @@ class TinyViTEncoder(nn.Module):
     def prunable_blocks(self) -> list[TinyViTBlock]:
         """The attention blocks, in order (stage 0's MBConv blocks hold no heads or MLP channels)."""
         return [block for layer in self.layers[1:] for block in layer.blocks]
+
+    def conv_blocks(self) -> list[MBConv]:
+        """Stage 0's MBConv blocks, whose hidden channels are the encoder's convolutional prunable groups."""
+        return list(self.layers[0].blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image embedding ``[B, out_chans, grid, grid]``."""

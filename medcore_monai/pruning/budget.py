@@ -1,7 +1,7 @@
 """Per-block pruning budgets and mask selection.
 
-A sparsity target is a fraction of the *original* dense groups of the whole encoder (heads or MLP
-channels). It is split over the non-protected blocks in inverse proportion to each block's
+A sparsity target is a fraction of the *original* dense groups of the whole encoder (heads, MLP
+channels, or MBConv hidden channels). It is split over the non-protected blocks in inverse proportion to each block's
 sensitivity (sum of its Fisher), capped by per-block floors, and the lowest-scored groups of each
 block are removed. Removed groups never return: selection only considers groups still kept.
 """
@@ -208,11 +208,20 @@ def plan_masks(
     additional: bool = False,
     totals: tuple[int, int] | None = None,
     warn: bool = True,
+    dense_mlp_dims: Sequence[int] | None = None,
+    conv_scores: Sequence[torch.Tensor] | None = None,
+    conv_sensitivity: torch.Tensor | None = None,
+    conv_sparsity: float = 0.0,
+    dense_conv_dims: Sequence[int] | None = None,
 ) -> tuple[StructuredMasks, list[BudgetReport]]:
-    """Apply head and/or MLP budgets to ``masks``; families whose scores are ``None`` are left as they are.
+    """Apply head, MLP and/or MBConv budgets to ``masks``; families whose scores are ``None`` are left as they are.
 
     ``totals`` gives the original dense (heads, channels) counts when ``masks`` describes a compact
-    encoder, so sparsities stay fractions of the original model.
+    encoder, so sparsities stay fractions of the original model; ``dense_mlp_dims`` / ``dense_conv_dims`` give
+    the dense widths per block there (the floors are fractions of them; default: the masks' widths, or the
+    mean dense width when only ``totals`` is known). MBConv blocks get their own sensitivity
+    (``conv_sensitivity``), ``min_keep_mlp_fraction`` floor, and no protected blocks (protection names
+    attention blocks).
     """
     head_total, channel_total = totals if totals is not None else (None, None)
     heads, channels, reports = list(masks.heads), list(masks.channels), []
@@ -223,8 +232,11 @@ def plan_masks(
         )
         reports.append(rep)
     if channel_scores is not None:
-        # the floor is a fraction of the *dense* width, also for an already slimmed encoder
-        dense = [channel_total // len(channels)] * len(channels) if channel_total else [m.numel() for m in channels]
+        if dense_mlp_dims is None:
+            # the floor is a fraction of the *dense* width, also for an already slimmed encoder
+            dense = [channel_total // len(channels)] * len(channels) if channel_total else [m.numel() for m in channels]
+        else:
+            dense = list(dense_mlp_dims)
         floors = min_keep_per_block(dense, min_fraction=min_keep_mlp_fraction)
         channels, rep = plan_family(
             "channels",
@@ -238,4 +250,14 @@ def plan_masks(
             channel_total,
         )
         reports.append(rep)
-    return StructuredMasks(heads, channels), reports
+    convs = list(masks.convs)
+    if conv_scores is not None:
+        if conv_sensitivity is None or len(conv_scores) != len(convs):
+            raise ValueError("MBConv budgets need masks.convs and a sensitivity for every MBConv block")
+        dense = list(dense_conv_dims) if dense_conv_dims is not None else [m.numel() for m in convs]
+        floors = min_keep_per_block(dense, min_fraction=min_keep_mlp_fraction)
+        convs, rep = plan_family(
+            "mbconv", conv_sparsity, conv_scores, convs, conv_sensitivity, floors, (), additional, sum(dense), warn
+        )
+        reports.append(rep)
+    return StructuredMasks(heads, channels, convs), reports

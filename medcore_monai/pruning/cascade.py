@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..losses.recovery import RecoveryLossWeights
+from ..networks.conv_groups import conv_blocks, conv_kept_indices, conv_structure
 from ..networks.structure import (
     StructuredMasks,
     attach_masks,
@@ -81,6 +82,7 @@ class CascadeConfig:
 
     head_sparsity: float = 0.5
     mlp_sparsity: float = 0.7
+    mbconv_sparsity: float = 0.0
     score: str = "dual"
     protected_blocks: tuple[int, ...] = ()
     min_keep_heads: int = 1
@@ -100,7 +102,7 @@ class CascadeConfig:
     def __post_init__(self) -> None:
         if self.score not in SCORE_METHODS:
             raise ValueError(f"score must be one of {SCORE_METHODS}, got {self.score!r}")
-        for name in ("head_sparsity", "mlp_sparsity"):
+        for name in ("head_sparsity", "mlp_sparsity", "mbconv_sparsity"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
 
@@ -117,10 +119,11 @@ class CascadeResult:
     timing: dict[str, float]
     kept_heads: list[list[int]]
     kept_channels: list[list[int]]
+    kept_convs: list[list[int]] = field(default_factory=list)
 
 
 def aligned_reference(reference: Mapping[str, torch.Tensor], encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """Slice dense reference tensors (SAM weights or Fisher) to the heads/channels a compact encoder still holds."""
+    """Slice dense reference tensors (SAM weights or Fisher) to the groups a compact encoder still holds."""
     out = dict(reference)
     for structure, block in zip(encoder_structure(encoder), prunable_blocks(encoder)):
         heads, channels = kept_indices(block)
@@ -139,6 +142,12 @@ def aligned_reference(reference: Mapping[str, torch.Tensor], encoder: nn.Module)
             (names["lin1.bias"], 0, idx),
             (names["lin2.weight"], 1, idx),
         ):
+            if name in reference:
+                tensor = reference[name]
+                out[name] = tensor.index_select(dim, index.to(tensor.device))
+    for structure, block in zip(conv_structure(encoder), conv_blocks(encoder)):
+        index = torch.tensor(conv_kept_indices(block))
+        for name, dim in structure.param_slices().values():
             if name in reference:
                 tensor = reference[name]
                 out[name] = tensor.index_select(dim, index.to(tensor.device))
@@ -164,33 +173,40 @@ def score_groups(
     beta: float = 0.3,
     spread: str = "std",
     seed: int = 0,
+    convs=(),
 ) -> tuple[GroupScores, dict[str, np.ndarray]]:
-    """Head and channel scores for one method, plus the arrays worth saving (``scores.npz``).
+    """Head, channel and MBConv-channel scores for one method, plus the arrays worth saving (``scores.npz``).
 
     ``dual`` mixes zero and reset scores with the per-block alpha rule, ``zero`` is alpha = 1 (plain
     Fisher, OBD-style), ``reset`` is alpha = 0; ``taylor`` uses grouped first-order Taylor scores from
     calibration; ``magnitude`` and ``random`` need no data. Data-driven scores are aggregated over
-    datasets with :func:`aggregate_datasets`.
+    datasets with :func:`aggregate_datasets`. ``convs`` (the encoder's MBConv blocks, :func:`conv_structure`) adds
+    scores of their hidden channels.
     """
     pi_t = normalised_weights(pi, len(fishers))
     details: dict[str, np.ndarray] = {"pi": pi_t.numpy()}
     if method == "random":
-        return random_scores(structure, seed), details
+        return random_scores(structure, seed, convs), details
     if method == "magnitude":
-        return magnitude_scores(weights, structure), details
+        return magnitude_scores(weights, structure, convs), details
     if method == "taylor":
         if not fishers[0].taylor_heads:
             raise ValueError("taylor scores need calibration with group_taylor=True")
-        per_dataset = [GroupScores(list(f.taylor_heads), list(f.taylor_channels)) for f in fishers]
+        per_dataset = [
+            GroupScores(list(f.taylor_heads), list(f.taylor_channels), list(f.taylor_convs) if convs else [])
+            for f in fishers
+        ]
         return aggregate_datasets(per_dataset, pi_t.tolist(), beta, spread), details
-    zero = [zero_scores(f.fisher, weights, structure) for f in fishers]
+    zero = [zero_scores(f.fisher, weights, structure, convs) for f in fishers]
     if method == "zero":
         per_dataset = zero
         alpha = torch.ones(len(structure), dtype=torch.float64)
     else:
         if fisher_sam is None or reference is None:
             raise ValueError(f"score {method!r} needs the SAM reference model")
-        reset = [reset_scores(cross_fisher(f.fisher, fisher_sam), weights, reference, structure) for f in fishers]
+        reset = [
+            reset_scores(cross_fisher(f.fisher, fisher_sam), weights, reference, structure, convs) for f in fishers
+        ]
         mean_zero = [sum(float(w) * z.heads[b] for w, z in zip(pi_t, zero)) for b in range(len(structure))]
         mean_reset = [sum(float(w) * r.heads[b] for w, r in zip(pi_t, reset)) for b in range(len(structure))]
         alpha = alpha_per_block(mean_zero, mean_reset) if method == "dual" else torch.zeros(len(structure))
@@ -239,12 +255,14 @@ class CascadeState:
             config.boundary_fisher_weight, config.fisher_reduction, progress
         )
         self.pooled = [s for samples in self.calibration.values() for s in samples]
-        self.masks = StructuredMasks.full(encoder_structure(model.image_encoder))
+        self.masks = StructuredMasks.for_encoder(model.image_encoder)
         self.hooks = None
         self.timing: dict[str, float] = {}
         self.fisher_counts: dict[str, dict[str, int]] = {}
         cfg = model.medcore_config
         self.totals = (sum(cfg.dense_heads), sum(cfg.dense_mlp_dims)) if cfg is not None else None
+        self.dense_mlp_dims = list(cfg.dense_mlp_dims) if cfg is not None else None
+        self.dense_conv_dims = list(getattr(cfg, "dense_mbconv_hidden_dims", ())) or None
 
     def timed(self, stage: str, fn, *args, **kwargs):
         """Call ``fn`` and add its duration to ``timing[stage]``."""
@@ -294,6 +312,7 @@ class CascadeState:
             self.config.dist_beta,
             self.config.spread,
             self.config.seed if seed is None else seed,
+            conv_structure(encoder),
         )
 
     def sensitivity(self, fishers) -> torch.Tensor:
@@ -301,11 +320,16 @@ class CascadeState:
         pi = normalised_weights(self.config.pi, len(fishers))
         return block_sensitivity(_pi_weighted_fisher(fishers, pi), encoder_structure(self.model.image_encoder))
 
+    def conv_sensitivity(self, fishers) -> torch.Tensor:
+        """Per-MBConv-block sensitivity from the pi-weighted Fisher (empty for SAM's ViT)."""
+        pi = normalised_weights(self.config.pi, len(fishers))
+        return block_sensitivity(_pi_weighted_fisher(fishers, pi), conv_structure(self.model.image_encoder))
+
     def apply(self, new_masks: StructuredMasks) -> None:
         """Slim the encoder to ``new_masks`` (or attach them as masks when ``config.slim`` is off)."""
         if self.config.slim:
             slim_encoder_(self.model.image_encoder, new_masks)
-            self.masks = StructuredMasks.full(encoder_structure(self.model.image_encoder))
+            self.masks = StructuredMasks.for_encoder(self.model.image_encoder)
             return
         self.masks = self.masks.intersect(new_masks)
         if self.hooks is not None:
@@ -319,8 +343,19 @@ class CascadeState:
             return [kept_indices(b)[0] for b in blocks], [kept_indices(b)[1] for b in blocks]
         return self.masks.kept_heads(), self.masks.kept_channels()
 
-    def plan(self, head_scores, channel_scores, sensitivity, family: str) -> BudgetReport:
-        """Choose the step's removals within the budgets and apply them; returns the budget report."""
+    def kept_convs(self) -> list[list[int]]:
+        """Kept MBConv hidden channels per MBConv block, as indices of the original dense encoder."""
+        if self.config.slim:
+            return [conv_kept_indices(b) for b in conv_blocks(self.model.image_encoder)]
+        return self.masks.kept_convs()
+
+    def plan(
+        self, head_scores, channel_scores, sensitivity, family: str, conv_scores=None, conv_sensitivity=None
+    ) -> list[BudgetReport]:
+        """Choose the step's removals within the budgets and apply them; returns the budget reports.
+
+        ``conv_scores`` (with ``conv_sensitivity``) also removes MBConv hidden channels to ``mbconv_sparsity``.
+        """
         cfg = self.config
         new_masks, reports = plan_masks(
             self.masks,
@@ -334,9 +369,14 @@ class CascadeState:
             protected=cfg.protected_blocks,
             additional=cfg.continuation,
             totals=self.totals,
+            dense_mlp_dims=self.dense_mlp_dims,
+            conv_scores=conv_scores,
+            conv_sensitivity=conv_sensitivity,
+            conv_sparsity=cfg.mbconv_sparsity,
+            dense_conv_dims=self.dense_conv_dims,
         )
         self.apply(new_masks)
-        return reports[0]
+        return reports
 
 
 def initial_scores(state: CascadeState):
@@ -348,7 +388,15 @@ def initial_scores(state: CascadeState):
     details["block_sensitivity"] = sensitivity.numpy()
     details["head_scores"] = torch.cat(scores.heads).cpu().numpy()
     details["mlp_scores"] = torch.cat(scores.channels).cpu().numpy()
+    _add_conv_details(details, scores, state.conv_sensitivity(fishers))
     return scores, details, sensitivity, fisher_sam, sam_weights
+
+
+def _add_conv_details(details: dict[str, np.ndarray], scores: GroupScores, sensitivity: torch.Tensor) -> None:
+    """MBConv scores and block sensitivity (TinyViT only) go with the arrays saved to ``scores.npz``."""
+    if scores.convs:
+        details["mbconv_scores"] = torch.cat(scores.convs).cpu().numpy()
+        details["mbconv_sensitivity"] = sensitivity.numpy()
 
 
 def score_model(
@@ -392,9 +440,11 @@ def score_model_methods(
     fishers = state.fisher_per_dataset("initial")
     fisher_sam, sam_weights = state.sam_fisher()
     sensitivity = state.sensitivity(fishers)
+    conv_sensitivity = state.conv_sensitivity(fishers)
     out = {}
     for method, seed in methods:
         scores, details = state.scores(fishers, fisher_sam, sam_weights, method=method, seed=seed)
         details["block_sensitivity"] = sensitivity.numpy()
+        _add_conv_details(details, scores, conv_sensitivity)
         out[(method, seed)] = (scores, details, sensitivity)
     return out

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..losses import boundary_weighted_bce_dice
+from ..networks.conv_groups import conv_group_sums, conv_structure
 from ..networks.structure import encoder_structure, group_sums
 from ..tensors import plain_tensor, preserved_requires_grad
 
@@ -46,6 +47,7 @@ class FisherResult:
     skipped: int
     taylor_heads: list[torch.Tensor] = field(default_factory=list)
     taylor_channels: list[torch.Tensor] = field(default_factory=list)
+    taylor_convs: list[torch.Tensor] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> FisherResult:
         """Copy with every tensor on ``device``."""
@@ -55,6 +57,7 @@ class FisherResult:
             skipped=self.skipped,
             taylor_heads=[t.to(device) for t in self.taylor_heads],
             taylor_channels=[t.to(device) for t in self.taylor_channels],
+            taylor_convs=[t.to(device) for t in self.taylor_convs],
         )
 
 
@@ -65,8 +68,8 @@ class FisherAccumulator:
     running ``fisher_used`` / ``fisher_skipped`` counts (samples with a non-finite loss or gradient are
     skipped).
 
-    With ``group_taylor=True`` it also accumulates the first-order Taylor importance of each head and
-    MLP channel, ``(sum_{i in g} g_i theta_i)^2`` per sample (the grouped Taylor criterion of
+    With ``group_taylor=True`` it also accumulates the first-order Taylor importance of each head,
+    MLP channel and MBConv hidden channel, ``(sum_{i in g} g_i theta_i)^2`` per sample (the grouped Taylor criterion of
     Molchanov et al.), used by the ``taylor`` baseline.
     """
 
@@ -101,6 +104,7 @@ class FisherAccumulator:
         self.skipped = 0
         self.taylor_heads: list[torch.Tensor] = []
         self.taylor_channels: list[torch.Tensor] = []
+        self.taylor_convs: list[torch.Tensor] = []
 
     def add_current_gradients(self) -> bool:
         """Fold the gradients now stored on the parameters in; return False if they were skipped."""
@@ -127,14 +131,15 @@ class FisherAccumulator:
             for n, g in grads.items()
         }
         heads, channels = group_sums(products, encoder_structure(self.encoder))
+        convs = conv_group_sums(products, conv_structure(self.encoder))
         if not self.taylor_heads:
             self.taylor_heads = [h.square() for h in heads]
             self.taylor_channels = [c.square() for c in channels]
+            self.taylor_convs = [c.square() for c in convs]
         else:
-            for acc, h in zip(self.taylor_heads, heads):
-                acc.add_(h.square())
-            for acc, c in zip(self.taylor_channels, channels):
-                acc.add_(c.square())
+            accumulated = self.taylor_heads + self.taylor_channels + self.taylor_convs
+            for acc, value in zip(accumulated, heads + channels + convs):
+                acc.add_(value.square())
 
     def _sum_over_processes(self) -> None:
         # Under torchrun / idist each process saw its own shard; add sums and counts of all of them.
@@ -146,6 +151,7 @@ class FisherAccumulator:
             self.sums[name] = idist.all_reduce(self.sums[name])
         self.taylor_heads = [idist.all_reduce(t) for t in self.taylor_heads]
         self.taylor_channels = [idist.all_reduce(t) for t in self.taylor_channels]
+        self.taylor_convs = [idist.all_reduce(t) for t in self.taylor_convs]
 
     def result(self) -> FisherResult:
         """Mean over accepted samples (of every process when running distributed).
@@ -162,6 +168,7 @@ class FisherAccumulator:
             skipped=self.skipped,
             taylor_heads=[t / self.used for t in self.taylor_heads],
             taylor_channels=[t / self.used for t in self.taylor_channels],
+            taylor_convs=[t / self.used for t in self.taylor_convs],
         )
 
 

@@ -1,6 +1,7 @@
 """Group importance scores: MedCore's dual intervention and the baselines, all per block.
 
-Scores are lists (one tensor per encoder block) for heads and for MLP channels; lower = pruned first.
+Scores are lists (one tensor per encoder block) for heads and for MLP channels, and one per MBConv block for its
+hidden channels (TinyViT; empty for SAM's ViT); lower = pruned first.
 
 * zero intervention  ``dz_g = 1/2 sum_{i in g} F^M_i theta_i^2`` (loss increase when the group is removed);
 * reset intervention ``dr_g = 1/2 sum_{i in g} sqrt(F^M_i F^S_i + eps) (theta^M_i - theta^S_i)^2``
@@ -18,11 +19,12 @@ ranking unchanged; ``spread="variance"`` reproduces the reference.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from ..networks.conv_groups import ConvBlockStructure, conv_group_sums
 from ..networks.structure import BlockStructure, group_sums
 
 __all__ = [
@@ -44,26 +46,38 @@ Spread = Literal["std", "variance", "none"]
 
 @dataclass
 class GroupScores:
-    """Per-block scores of attention heads and MLP channels."""
+    """Per-block scores of attention heads and MLP channels, and per MBConv block of its hidden channels."""
 
     heads: list[torch.Tensor]
     channels: list[torch.Tensor]
+    convs: list[torch.Tensor] = field(default_factory=list)
 
     def map(self, fn) -> GroupScores:
         """Apply ``fn`` to every per-block tensor."""
-        return GroupScores([fn(h) for h in self.heads], [fn(c) for c in self.channels])
+        return GroupScores([fn(h) for h in self.heads], [fn(c) for c in self.channels], [fn(c) for c in self.convs])
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All head scores and all channel scores, block-major."""
         return torch.cat(self.heads), torch.cat(self.channels)
 
 
-def zero_scores(
-    fisher: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], structure: Sequence[BlockStructure]
+def _grouped(
+    values: Mapping[str, torch.Tensor], structure: Sequence[BlockStructure], convs: Sequence[ConvBlockStructure]
 ) -> GroupScores:
-    """Diagonal second-order loss increase of zeroing each group."""
-    values = {n: 0.5 * fisher[n] * weights[n].to(fisher[n].device).float().square() for n in _group_tensors(fisher)}
-    return GroupScores(*group_sums(values, structure))
+    heads, channels = group_sums(values, structure)
+    return GroupScores(heads, channels, conv_group_sums(values, convs) if convs else [])
+
+
+def zero_scores(
+    fisher: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    structure: Sequence[BlockStructure],
+    convs: Sequence[ConvBlockStructure] = (),
+) -> GroupScores:
+    """Diagonal second-order loss increase of zeroing each group (``convs``: also score these MBConv blocks)."""
+    names = _group_tensors(fisher, convs)
+    values = {n: 0.5 * fisher[n] * weights[n].to(fisher[n].device).float().square() for n in names}
+    return _grouped(values, structure, convs)
 
 
 def reset_scores(
@@ -71,20 +85,21 @@ def reset_scores(
     weights: Mapping[str, torch.Tensor],
     reference_weights: Mapping[str, torch.Tensor],
     structure: Sequence[BlockStructure],
+    convs: Sequence[ConvBlockStructure] = (),
 ) -> GroupScores:
     """Diagonal second-order loss increase of resetting each group to the reference (SAM) weights."""
     values = {}
-    for name in _group_tensors(cross):
+    for name in _group_tensors(cross, convs):
         if name not in reference_weights:
             raise KeyError(f"reference (SAM) weights lack {name!r}; the pair must be aligned parameter by parameter")
         delta = weights[name].float().to(cross[name].device) - reference_weights[name].float().to(cross[name].device)
         if delta.shape != cross[name].shape:
             raise ValueError(f"{name}: model {tuple(cross[name].shape)} vs reference {tuple(delta.shape)}")
         values[name] = 0.5 * cross[name] * delta.square()
-    return GroupScores(*group_sums(values, structure))
+    return _grouped(values, structure, convs)
 
 
-def _group_tensors(values: Mapping[str, torch.Tensor]) -> list[str]:
+def _group_tensors(values: Mapping[str, torch.Tensor], convs: Sequence[ConvBlockStructure] = ()) -> list[str]:
     suffixes = (
         "attn.qkv.weight",
         "attn.qkv.bias",
@@ -97,7 +112,8 @@ def _group_tensors(values: Mapping[str, torch.Tensor]) -> list[str]:
         "mlp.fc1.bias",
         "mlp.fc2.weight",
     )
-    return [n for n in values if n.endswith(suffixes)]
+    conv_paths = tuple(f"{c.module_path}." for c in convs)
+    return [n for n in values if n.endswith(suffixes) or (conv_paths and n.startswith(conv_paths))]
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-12) -> float:
@@ -123,9 +139,12 @@ def alpha_per_block(zero_heads: Sequence[torch.Tensor], reset_heads: Sequence[to
 def mix_scores(zero: GroupScores, reset: GroupScores, alpha: torch.Tensor) -> GroupScores:
     """Per-block mixture ``alpha_b * zero + (1 - alpha_b) * reset`` (the same alpha for heads and channels)."""
     a = [float(x) for x in alpha]
+    # MBConv blocks hold no heads, so they have no alpha of their own: the encoder's mean alpha mixes them
+    mean = sum(a) / len(a) if a else 1.0
     return GroupScores(
         heads=[ab * z + (1 - ab) * r for ab, z, r in zip(a, zero.heads, reset.heads)],
         channels=[ab * z + (1 - ab) * r for ab, z, r in zip(a, zero.channels, reset.channels)],
+        convs=[mean * z + (1 - mean) * r for z, r in zip(zero.convs, reset.convs)],
     )
 
 
@@ -160,24 +179,34 @@ def aggregate_datasets(
     if spread not in ("std", "variance", "none"):
         raise ValueError(f"spread must be 'std', 'variance' or 'none', got {spread!r}")
     weights = normalised_weights(pi, len(per_dataset))
-    blocks = len(per_dataset[0].heads)
-    return GroupScores(
-        heads=[_aggregate_tensors([s.heads[b] for s in per_dataset], weights, beta, spread) for b in range(blocks)],
-        channels=[
-            _aggregate_tensors([s.channels[b] for s in per_dataset], weights, beta, spread) for b in range(blocks)
-        ],
-    )
+
+    def combined(family: str) -> list[torch.Tensor]:
+        blocks = len(getattr(per_dataset[0], family))
+        return [
+            _aggregate_tensors([getattr(s, family)[b] for s in per_dataset], weights, beta, spread)
+            for b in range(blocks)
+        ]
+
+    return GroupScores(combined("heads"), combined("channels"), combined("convs"))
 
 
-def magnitude_scores(weights: Mapping[str, torch.Tensor], structure: Sequence[BlockStructure]) -> GroupScores:
+def magnitude_scores(
+    weights: Mapping[str, torch.Tensor], structure: Sequence[BlockStructure], convs: Sequence[ConvBlockStructure] = ()
+) -> GroupScores:
     """Weight-magnitude baseline: L1 norm of each group's parameters."""
-    return GroupScores(*group_sums({n: w.detach().float().abs() for n, w in weights.items()}, structure))
+    return _grouped({n: w.detach().float().abs() for n, w in weights.items()}, structure, convs)
 
 
-def random_scores(structure: Sequence[BlockStructure], seed: int) -> GroupScores:
-    """Seeded random baseline (uniform scores, so a random subset is removed per block)."""
+def random_scores(
+    structure: Sequence[BlockStructure], seed: int, convs: Sequence[ConvBlockStructure] = ()
+) -> GroupScores:
+    """Seeded random baseline (uniform scores, so a random subset is removed per block).
+
+    The MBConv scores are drawn after the head and channel scores, so adding them leaves those unchanged.
+    """
     gen = torch.Generator().manual_seed(seed)
     return GroupScores(
         heads=[torch.rand(b.num_heads, generator=gen, dtype=torch.float64) for b in structure],
         channels=[torch.rand(b.mlp_dim, generator=gen, dtype=torch.float64) for b in structure],
+        convs=[torch.rand(c.hidden_dim, generator=gen, dtype=torch.float64) for c in convs],
     )
