@@ -18,6 +18,11 @@ LiteMedSAM's budgets are chosen by encoder FLOPs (about 32 %, 49 % and 64 % fewe
 several counts (each a fresh process), ``--backends onnx`` also times the exported encoder in ONNX Runtime,
 ``--whole-model`` times encoder + prompt encoder + decoder with one box, and ``--calibration N`` times the
 boundary-aware Fisher calibration per image against one forward + backward of the same model (its floor).
+``--budgets label=heads,mlp[,mbconv] ...`` replaces the budgets (the dense model is always measured first); a third
+number also removes that fraction of LiteMedSAM's MBConv hidden channels, e.g.::
+
+    python benchmarks/speed.py --models litemedsam --threads 1 2 --backends eager onnx \
+        --budgets "-49% FLOPs=0.67" "-49% FLOPs with MBConv=0.58,0.58,0.5" "-70% FLOPs with MBConv=0.9,0.9,0.5"
 """
 
 from __future__ import annotations
@@ -35,37 +40,60 @@ from pathlib import Path
 
 import torch
 
-BUDGETS = {"dense": 0.0, "-30%": 0.32, "-60%": 0.63, "-80%": 0.84}
-MODEL_BUDGETS = {"litemedsam": {"dense": 0.0, "-32% FLOPs": 0.40, "-49% FLOPs": 0.67, "-64% FLOPs": 0.90}}
+Budget = tuple[float, float, float]  # head, MLP and MBConv sparsity
+DENSE: Budget = (0.0, 0.0, 0.0)
+BUDGETS = {"dense": DENSE, "-30%": (0.32, 0.32, 0.0), "-60%": (0.63, 0.63, 0.0), "-80%": (0.84, 0.84, 0.0)}
+MODEL_BUDGETS = {
+    "litemedsam": {
+        "dense": DENSE,
+        "-32% FLOPs": (0.40, 0.40, 0.0),
+        "-49% FLOPs": (0.67, 0.67, 0.0),
+        "-64% FLOPs": (0.90, 0.90, 0.0),
+    }
+}
 
 
-def budgets_of(model_type: str) -> dict[str, float]:
-    """Label -> head and MLP sparsity of each measured budget."""
+def budgets_of(model_type: str) -> dict[str, Budget]:
+    """Label -> head, MLP and MBConv sparsity of each measured budget."""
     return MODEL_BUDGETS.get(model_type, BUDGETS)
 
 
-def build_model(model_type: str, sparsity: float) -> torch.nn.Module:
+def parse_budget(spec: str) -> Budget:
+    """``s`` (heads and MLP), ``heads,mlp`` or ``heads,mlp,mbconv``."""
+    parts = [float(p) for p in spec.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"a budget is one sparsity or heads,mlp[,mbconv], got {spec!r}")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
+
+
+def build_model(model_type: str, sparsity: Budget) -> torch.nn.Module:
     """A ``Sam`` of a preset whose encoder is dense or magnitude-pruned (compact)."""
     import warnings
 
-    from medcore_monai.networks import StructuredMasks, build_sam, encoder_structure, slim_encoder_
+    from medcore_monai.networks import StructuredMasks, build_sam, conv_structure, encoder_structure, slim_encoder_
     from medcore_monai.pruning import block_sensitivity, magnitude_scores, plan_masks
 
     sam = build_sam(model_type, seed=0).eval()
     encoder = sam.image_encoder
-    if sparsity > 0:
-        structure = encoder_structure(encoder)
-        scores = magnitude_scores(dict(encoder.named_parameters()), structure)
+    heads, mlp, mbconv = sparsity
+    if heads or mlp or mbconv:
+        structure, convs = encoder_structure(encoder), conv_structure(encoder)
+        scores = magnitude_scores(dict(encoder.named_parameters()), structure, convs)
         ones = {n: torch.ones_like(p) for n, p in encoder.named_parameters()}
         with warnings.catch_warnings():  # the largest budgets hit the floors; the measured FLOPs say what was cut
             warnings.simplefilter("ignore")
             masks, _ = plan_masks(
-                StructuredMasks.full(structure),
+                StructuredMasks.for_encoder(encoder),
                 scores.heads,
                 scores.channels,
                 block_sensitivity(ones, structure),
-                head_sparsity=sparsity,
-                mlp_sparsity=sparsity,
+                head_sparsity=heads,
+                mlp_sparsity=mlp,
+                conv_scores=scores.convs if mbconv else None,
+                conv_sensitivity=block_sensitivity(ones, convs),
+                conv_sparsity=mbconv,
             )
         slim_encoder_(encoder, masks)
     return sam
@@ -117,7 +145,7 @@ def _onnx_runner(encoder: torch.nn.Module, x: torch.Tensor, threads: int, folder
 
 def measure_one(
     model_type: str,
-    sparsity: float,
+    sparsity: Budget,
     device: str,
     repeats: int,
     warmup: int,
@@ -167,7 +195,7 @@ def measure_calibration(model_type: str, images: int, threads: int, repeats: int
     from medcore_monai.pruning import FisherCalibration
 
     torch.set_num_threads(threads)
-    model = MedSAM(build_model(model_type, 0.0)).eval()
+    model = MedSAM(build_model(model_type, DENSE)).eval()
     size, low = model.img_size, model.low_res_size
     generator = torch.Generator().manual_seed(0)
     samples = []
@@ -207,10 +235,10 @@ def _calibration_child(args: argparse.Namespace, model_type: str, threads: int) 
         return json.loads(Path(out.name).read_text())
 
 
-def _child(args: argparse.Namespace, model_type: str, sparsity: float, threads: int, backend: str, whole: bool):
+def _child(args: argparse.Namespace, model_type: str, sparsity: Budget, threads: int, backend: str, whole: bool):
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [
-            sys.executable, __file__, "--child", model_type, str(sparsity), "--device", args.device,
+            sys.executable, __file__, "--child", model_type, ",".join(map(str, sparsity)), "--device", args.device,
             "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(threads),
             "--backends", backend, "--out", out.name,
         ] + (["--whole-model"] if whole else [])  # fmt: skip
@@ -229,6 +257,9 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "onnx"])
     parser.add_argument("--whole-model", action="store_true", help="also time encoder + decoder with one box")
     parser.add_argument("--calibration", type=int, default=0, help="images for the calibration-cost measurement")
+    parser.add_argument(
+        "--budgets", nargs="+", default=None, help="label=heads,mlp[,mbconv] ... (replaces the default)"
+    )
     parser.add_argument("--out", default="docs/benchmarks_speed.json")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "SPARSITY"))
     parser.add_argument("--child-calibration", metavar="MODEL")
@@ -239,18 +270,23 @@ def main() -> None:
         return
     if args.child:
         result = measure_one(
-            args.child[0], float(args.child[1]), args.device, args.repeats, args.warmup, args.threads[0],
+            args.child[0], parse_budget(args.child[1]), args.device, args.repeats, args.warmup, args.threads[0],
             args.backends[0], args.whole_model,
         )  # fmt: skip
         Path(args.out).write_text(json.dumps(result))
         return
+    chosen = None
+    if args.budgets:
+        chosen = {"dense": DENSE} | {
+            label: parse_budget(spec) for label, _, spec in (b.rpartition("=") for b in args.budgets)
+        }
     rows, calibration = [], []
     scopes = [("eager", False)] + [("onnx", False)] * ("onnx" in args.backends) + [("eager", True)] * args.whole_model
     for model_type in args.models:
         for threads in args.threads:
             for backend, whole in scopes:
                 dense = None
-                for label, sparsity in budgets_of(model_type).items():
+                for label, sparsity in (chosen or budgets_of(model_type)).items():
                     result = _child(args, model_type, sparsity, threads, backend, whole)
                     dense = dense or result
                     row = {
