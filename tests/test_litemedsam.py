@@ -207,6 +207,25 @@ def test_the_served_network_takes_a_litemedsam_checkpoint(tmp_path):
     torch.testing.assert_close(out, expected)
 
 
+def test_recovery_trains_batchnorm_weights_but_keeps_their_running_statistics():
+    from medcore_monai.cascade import recover
+    from medcore_monai.demo import synthetic_items
+    from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs
+    from medcore_monai.transforms import medsam_preprocess
+
+    model = MedSAM(_small_sam(seed=3))
+    transform = medsam_preprocess(size=64, lowres_size=64)
+    samples = [transform(item) | {"name": f"s{i}"} for i, item in enumerate(synthetic_items(2, 64, 0))]
+    teacher = TeacherOutputs(model, cache=True).precompute(samples, "cpu")
+    before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    recover(model, teacher, samples, RecoveryConfig(steps=3, lr=1e-3), progress=False)
+    after = model.image_encoder.state_dict()
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(statistics) == 3 * 19  # 19 BatchNorm layers in SMALL (27 in LiteMedSAM)
+    assert all(torch.equal(before[k], after[k]) for k in statistics)
+    assert not torch.equal(before["layers.0.blocks.0.conv1.bn.weight"], after["layers.0.blocks.0.conv1.bn.weight"])
+
+
 # --------------------------------------------------------------------------- the prune workflow on a TinyViT
 
 

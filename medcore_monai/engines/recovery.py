@@ -93,13 +93,22 @@ class TeacherOutputs:
 
 
 def freeze_for_recovery(model: nn.Module) -> list[nn.Parameter]:
-    """Train the image encoder only (prompt encoder and decoder frozen, in eval mode); returns its parameters."""
+    """Train the image encoder only (prompt encoder and decoder frozen, in eval mode); returns its parameters.
+
+    BatchNorm layers (LiteMedSAM's TinyViT has 27) stay in eval mode: recovery runs a few steps at batch 1 on a
+    pretrained model, where batch statistics of single images would replace the running statistics the model was
+    trained with (measured: 40 steps cost the dense LiteMedSAM 0.11 more BF1 with them updated,
+    ``docs/benchmarks.md``). Their weights and biases still train.
+    """
     model = getattr(model, "module", model)
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("image_encoder."))
     model.train()
     model.prompt_encoder.eval()
     model.mask_decoder.eval()
+    for module in model.image_encoder.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
     return [p for p in model.image_encoder.parameters() if p.requires_grad]
 
 
