@@ -8,6 +8,8 @@ Usage::
     python benchmarks/quality.py --data-root ../shared/data/kvasir_seg --medsam <lite_medsam.pth> \
         --methods zero zero-plain magnitude random:0 --budgets "-49% FLOPs=0.67" --no-dense-recovery \
         --out docs/benchmarks_quality_litemedsam.json
+    # LiteMedSAM's MBConv hidden channels too: a budget label=heads,mlp,mbconv (here about -49 % FLOPs as well)
+    python benchmarks/quality.py ... --budgets "-49% FLOPs=0.67" "-49% FLOPs with MBConv=0.58,0.58,0.5"
     # NIfTI volumes (MSD Hippocampus): calibration on training slices, test volumes scored per volume in mm
     python benchmarks/quality.py --data-root ../shared/data/msd_hippocampus --dataset-name hippocampus ...
 
