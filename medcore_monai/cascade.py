@@ -20,6 +20,7 @@ from torch import nn
 from .engines.recovery import RecoveryTrainer, TeacherOutputs, recovery_loader
 from .handlers.checkpointing import TrainingCheckpoint
 from .handlers.pruning import PruningHandler
+from .networks.structure import StructuredMasks
 from .pruning.budget import BudgetReport
 from .pruning.cascade import CascadeConfig, CascadeResult, RecoveryConfig
 
@@ -153,7 +154,8 @@ def run_cascade(
     kept_heads, kept_channels = pruning.kept(trainer)
     losses = {name: trainer.losses.get(i + 1, []) for i, name in enumerate(pruning.applied)}
     return CascadeResult(
-        masks=pruning.state.masks,
+        # a run resumed in its last stage never re-plans, so it has no cascade state: its (slim) masks are full
+        masks=pruning.state.masks if pruning.state is not None else StructuredMasks.for_encoder(model.image_encoder),
         budgets=[
             BudgetReport(**{k: b[k] for k in ("family", "requested", "achieved", "total", "per_block")})
             for b in pruning.budgets

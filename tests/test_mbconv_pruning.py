@@ -253,3 +253,45 @@ def test_manifests_guard_the_mbconv_widths(tmp_path):
         ModelManifest(dense).load_state_dict(model_manifest(sam))
     loaded = load_sam(path)
     assert conv_kept_indices(loaded.image_encoder.conv_blocks()[0]) == list(range(1, 64, 2))
+
+
+def _cascade_run(folder, interrupt_at=None):
+    from medcore_monai.cascade import run_cascade
+    from medcore_monai.demo import synthetic_items
+    from medcore_monai.engines.recovery import RecoveryTrainer
+    from medcore_monai.pruning import RecoveryConfig
+    from medcore_monai.transforms import medsam_preprocess
+
+    transform = medsam_preprocess(size=64, lowres_size=64)
+    samples = [transform(item) | {"name": f"s{i}"} for i, item in enumerate(synthetic_items(3, 64, 1))]
+    model = MedSAM(_small_sam(seed=7))
+    config = CascadeConfig(
+        head_sparsity=0.3,
+        mlp_sparsity=0.3,
+        mbconv_sparsity=0.5,
+        score="zero",
+        recovery=RecoveryConfig(steps=4, lr=1e-3),
+    )
+    original = RecoveryTrainer._iteration
+
+    def interrupted(self, engine, batch):
+        if engine.state.iteration == interrupt_at:
+            raise KeyboardInterrupt("killed")
+        return original(self, engine, batch)
+
+    try:
+        RecoveryTrainer._iteration = interrupted
+        result = run_cascade(model, {"d": samples}, config, device="cpu", output_dir=folder, progress=False)
+    finally:
+        RecoveryTrainer._iteration = original
+    return model, result
+
+
+def test_an_interrupted_cascade_with_mbconv_pruning_resumes_to_the_same_model(tmp_path):
+    first, result = _cascade_run(tmp_path / "a")
+    assert [b.family for b in result.budgets] == ["heads", "channels", "mbconv"] and len(result.kept_convs[0]) == 32
+    with pytest.raises(KeyboardInterrupt):
+        _cascade_run(tmp_path / "b", interrupt_at=8)  # in the MLP step's recovery, after the MBConv slimming
+    resumed, _ = _cascade_run(tmp_path / "b")
+    assert resumed.image_encoder.conv_blocks()[0].conv1.c.out_channels == 32
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in first.state_dict().items())

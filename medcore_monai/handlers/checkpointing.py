@@ -26,6 +26,7 @@ from torch import nn
 from ..config import ConfigError, fingerprint_differences
 from ..files import atomic_torch_save
 from ..networks import CheckpointError, read_checkpoint
+from ..networks.conv_groups import conv_blocks, conv_kept_indices, slim_conv_block_
 from ..networks.manifest import model_manifest
 from ..networks.structure import kept_indices, prunable_blocks, slim_block_
 
@@ -42,12 +43,24 @@ def _model(network: nn.Module) -> nn.Module:
     return getattr(network, "module", network)
 
 
-def slim_to_manifest(model: nn.Module, blocks: list[Mapping[str, Any]]) -> None:
-    """Slim ``model``'s encoder blocks to the kept heads/channels a manifest lists (original indices).
+def slim_to_manifest(
+    model: nn.Module, blocks: list[Mapping[str, Any]], conv_entries: list[Mapping[str, Any]] = ()
+) -> None:
+    """Slim ``model``'s encoder to the kept groups a manifest lists (original indices).
+
+    ``blocks`` lists the attention blocks' heads and MLP channels, ``conv_entries`` the MBConv blocks' hidden
+    channels (TinyViT; a manifest written before MBConv pruning has none).
 
     Raises:
         CheckpointError: if the manifest keeps a group the model has already removed.
     """
+    for index, (block, entry) in enumerate(zip(conv_blocks(model.image_encoder), conv_entries)):
+        have, want = conv_kept_indices(block), list(entry["kept_channels"])
+        if have == want:
+            continue
+        if not set(want) <= set(have):
+            raise CheckpointError(f"MBConv block {index} of the checkpoint keeps channels this model has removed")
+        slim_conv_block_(block, [have.index(c) for c in want])
     for index, (block, entry) in enumerate(zip(prunable_blocks(model.image_encoder), blocks)):
         heads, channels = kept_indices(block)
         want_heads, want_channels = list(entry["kept_heads"]), list(entry["kept_channels"])
@@ -191,7 +204,7 @@ class TrainingCheckpoint:
         saved = read_checkpoint(self.path)
         self._check_fingerprint(saved.get("fingerprint", {}))
         model = _model(engine.network)
-        slim_to_manifest(model, saved["medcore"]["blocks"])
+        slim_to_manifest(model, saved["medcore"]["blocks"], saved["medcore"].get("conv_blocks") or [])
         model.load_state_dict(saved["model"], strict=True)
         if hasattr(engine, "rebuild_optimizer"):
             engine.rebuild_optimizer()
