@@ -226,6 +226,34 @@ def test_recovery_trains_batchnorm_weights_but_keeps_their_running_statistics():
     assert not torch.equal(before["layers.0.blocks.0.conv1.bn.weight"], after["layers.0.blocks.0.conv1.bn.weight"])
 
 
+def test_a_cascade_can_reestimate_batchnorm_statistics_on_the_calibration_images():
+    from medcore_monai.cascade import run_cascade
+    from medcore_monai.demo import synthetic_items
+    from medcore_monai.engines.recovery import reestimate_batchnorm
+    from medcore_monai.pruning import CascadeConfig, RecoveryConfig
+    from medcore_monai.transforms import medsam_preprocess
+
+    transform = medsam_preprocess(size=64, lowres_size=64)
+    samples = [transform(item) | {"name": f"s{i}"} for i, item in enumerate(synthetic_items(3, 64, 2))]
+    images = torch.stack([torch.as_tensor(s["image"]).float() for s in samples])
+    first_conv = MedSAM(_small_sam(seed=8)).image_encoder.patch_embed.seq[0]
+    with torch.no_grad():  # the first BatchNorm sees the first conv's output, which no pruning changes
+        out = first_conv.c(images)
+    expected_mean, expected_var = out.mean(dim=(0, 2, 3)), out.var(dim=(0, 2, 3), unbiased=True)
+    for reestimate in (False, True):
+        model = MedSAM(_small_sam(seed=8))
+        config = CascadeConfig(
+            head_sparsity=0.3, mlp_sparsity=0.3, score="magnitude", reestimate_batchnorm=reestimate,
+            recovery=RecoveryConfig(steps=0),
+        )  # fmt: skip
+        run_cascade(model, {"d": samples}, config, device="cpu", progress=False)
+        bn = model.image_encoder.patch_embed.seq[0].bn
+        assert torch.allclose(bn.running_mean, expected_mean, atol=1e-5) == reestimate
+        assert torch.allclose(bn.running_var, expected_var, rtol=1e-4) == reestimate
+        assert not bn.training and bn.momentum == 0.1
+    assert reestimate_batchnorm(MedSAM(build_sam("tiny")), samples, "cpu") == 0  # a ViT has no BatchNorm
+
+
 # --------------------------------------------------------------------------- the prune workflow on a TinyViT
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "RecoveryTrainer",
     "TeacherOutputs",
     "freeze_for_recovery",
+    "reestimate_batchnorm",
     "loss_terms",
     "recovery_loader",
 ]
@@ -110,6 +111,40 @@ def freeze_for_recovery(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
     return [p for p in model.image_encoder.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def reestimate_batchnorm(
+    model: nn.Module, samples: Sequence[Mapping[str, Any]], device: torch.device | str, batch_size: int = 8
+) -> int:
+    """Recompute the image encoder's BatchNorm running statistics over ``samples``; returns the layers reset.
+
+    After a pruning step the BatchNorm layers behind the pruned blocks see activations the removed groups no longer
+    feed. Their statistics are re-estimated for the pruned network as the equal-weight average over batches of
+    ``batch_size`` samples (momentum ``None``), with every other module in eval mode; recovery then keeps them
+    (:func:`freeze_for_recovery`). An encoder without BatchNorm (SAM's ViT) is left as it is.
+    """
+    model = getattr(model, "module", model)
+    layers = [m for m in model.image_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers or not samples:
+        return 0
+    was_training, momenta = model.training, [layer.momentum for layer in layers]
+    model.eval()
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+        layer.train()
+    try:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            model.encode(torch.stack([plain_tensor(s["image"], device).float() for s in chunk]))
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.train(was_training)
+        for layer in layers:
+            layer.eval()
+    return len(layers)
 
 
 class RecoverySampler(Sampler[int]):

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..engines.distributed import data_parallel
 from ..engines.measure import model_cost
+from ..engines.recovery import reestimate_batchnorm
 from ..networks.conv_groups import conv_blocks, conv_kept_indices
 from ..pruning.cascade import CascadeConfig, CascadeState, initial_scores
 from ..pruning.fisher import FisherCalibration
@@ -143,6 +144,8 @@ class PruningHandler:
         channels = self.scores.channels if stage == "mlp" else None
         convs, conv_sensitivity = self._conv_plan(stage)
         reports = state.plan(heads, channels, self.sensitivity, stage, convs, conv_sensitivity)
+        if self.cascade.reestimate_batchnorm:
+            state.timed("batchnorm", reestimate_batchnorm, state.model, state.pooled, state.device)
         self.budgets.extend(report.to_dict() for report in reports)
         self.applied.append(stage)
         self.timing["plan"] = self.timing.get("plan", 0.0) + time.perf_counter() - start

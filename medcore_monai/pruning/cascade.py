@@ -95,6 +95,7 @@ class CascadeConfig:
     recompute_mlp_scores: bool = False
     continuation: bool = False
     slim: bool = True
+    reestimate_batchnorm: bool = False
     teacher_cache: bool = True
     seed: int = 0
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
