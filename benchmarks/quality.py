@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--cal-size", type=int, default=128)
     parser.add_argument("--recovery-steps", type=int, default=100, help="steps after each cascade step")
     parser.add_argument("--recovery-lr", type=float, default=1e-5)
+    parser.add_argument(
+        "--reestimate-batchnorm", action="store_true", help="recompute BatchNorm statistics after each pruning step"
+    )
     parser.add_argument("--max-test", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -173,6 +176,7 @@ def main() -> None:
                 head_sparsity=heads,
                 mlp_sparsity=mlp,
                 mbconv_sparsity=mbconv,
+                reestimate_batchnorm=args.reestimate_batchnorm,
                 score="zero" if method == "zero-plain" else method,
                 seed=seed,
                 recovery=recovery,
