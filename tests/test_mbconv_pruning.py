@@ -198,9 +198,7 @@ def test_mlp_floors_follow_each_blocks_dense_width():
     )
     scores = [torch.rand(40), torch.rand(40), torch.rand(80)]
     with pytest.warns(BudgetShortfallWarning):
-        new, _ = plan_masks(
-            masks, None, scores, torch.ones(3), mlp_sparsity=0.99, totals=(3, 2432), dense_mlp_dims=[512, 640, 1280]
-        )
+        new, _ = plan_masks(masks, None, scores, torch.ones(3), mlp_sparsity=0.99, dense_mlp_dims=[512, 640, 1280])
     assert [int(m.sum()) for m in new.channels] == [26, 32, 64]
 
 

@@ -206,8 +206,8 @@ def plan_masks(
     min_keep_mlp_fraction: float = 0.05,
     protected: Sequence[int] = (),
     additional: bool = False,
-    totals: tuple[int, int] | None = None,
     warn: bool = True,
+    dense_heads: Sequence[int] | None = None,
     dense_mlp_dims: Sequence[int] | None = None,
     conv_scores: Sequence[torch.Tensor] | None = None,
     conv_sensitivity: torch.Tensor | None = None,
@@ -216,48 +216,39 @@ def plan_masks(
 ) -> tuple[StructuredMasks, list[BudgetReport]]:
     """Apply head, MLP and/or MBConv budgets to ``masks``; families whose scores are ``None`` are left as they are.
 
-    ``totals`` gives the original dense (heads, channels) counts when ``masks`` describes a compact
-    encoder, so sparsities stay fractions of the original model; ``dense_mlp_dims`` / ``dense_conv_dims`` give
-    the dense widths per block there (the floors are fractions of them; default: the masks' widths, or the
-    mean dense width when only ``totals`` is known). MBConv blocks get their own sensitivity
-    (``conv_sensitivity``), ``min_keep_mlp_fraction`` floor, and no protected blocks (protection names
-    attention blocks).
+    ``dense_heads`` / ``dense_mlp_dims`` / ``dense_conv_dims`` give the original dense width of every block when
+    ``masks`` describes a compact encoder (default: the masks' widths), so sparsities stay fractions of the
+    original model and the MLP and MBConv floors are fractions of each block's dense width. MBConv blocks get
+    their own sensitivity (``conv_sensitivity``), the ``min_keep_mlp_fraction`` floor, and no protected blocks
+    (protection names attention blocks).
     """
-    head_total, channel_total = totals if totals is not None else (None, None)
-    heads, channels, reports = list(masks.heads), list(masks.channels), []
+    heads, channels, convs, reports = list(masks.heads), list(masks.channels), list(masks.convs), []
     if head_scores is not None:
-        floors = min_keep_per_block([m.numel() for m in heads], min_keep=min_keep_heads)
+        dense = _dense_widths(dense_heads, heads)
+        floors = min_keep_per_block(dense, min_keep=min_keep_heads)
         heads, rep = plan_family(
-            "heads", head_sparsity, head_scores, heads, sensitivity, floors, protected, additional, head_total, warn
+            "heads", head_sparsity, head_scores, heads, sensitivity, floors, protected, additional, sum(dense), warn
         )
         reports.append(rep)
     if channel_scores is not None:
-        if dense_mlp_dims is None:
-            # the floor is a fraction of the *dense* width, also for an already slimmed encoder
-            dense = [channel_total // len(channels)] * len(channels) if channel_total else [m.numel() for m in channels]
-        else:
-            dense = list(dense_mlp_dims)
+        dense = _dense_widths(dense_mlp_dims, channels)
         floors = min_keep_per_block(dense, min_fraction=min_keep_mlp_fraction)
         channels, rep = plan_family(
-            "channels",
-            mlp_sparsity,
-            channel_scores,
-            channels,
-            sensitivity,
-            floors,
-            protected,
-            additional,
-            channel_total,
+            "channels", mlp_sparsity, channel_scores, channels, sensitivity, floors, protected, additional, sum(dense)
         )
         reports.append(rep)
-    convs = list(masks.convs)
     if conv_scores is not None:
         if conv_sensitivity is None or len(conv_scores) != len(convs):
             raise ValueError("MBConv budgets need masks.convs and a sensitivity for every MBConv block")
-        dense = list(dense_conv_dims) if dense_conv_dims is not None else [m.numel() for m in convs]
+        dense = _dense_widths(dense_conv_dims, convs)
         floors = min_keep_per_block(dense, min_fraction=min_keep_mlp_fraction)
         convs, rep = plan_family(
             "mbconv", conv_sparsity, conv_scores, convs, conv_sensitivity, floors, (), additional, sum(dense), warn
         )
         reports.append(rep)
     return StructuredMasks(heads, channels, convs), reports
+
+
+def _dense_widths(widths: Sequence[int] | None, masks: Sequence[torch.Tensor]) -> list[int]:
+    """The dense width of each block: as given, or the masks' widths (a mask spans its block's dense width)."""
+    return [int(w) for w in widths] if widths is not None else [m.numel() for m in masks]

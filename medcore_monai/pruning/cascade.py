@@ -261,7 +261,7 @@ class CascadeState:
         self.timing: dict[str, float] = {}
         self.fisher_counts: dict[str, dict[str, int]] = {}
         cfg = model.medcore_config
-        self.totals = (sum(cfg.dense_heads), sum(cfg.dense_mlp_dims)) if cfg is not None else None
+        self.dense_heads = list(cfg.dense_heads) if cfg is not None else None
         self.dense_mlp_dims = list(cfg.dense_mlp_dims) if cfg is not None else None
         self.dense_conv_dims = list(getattr(cfg, "dense_mbconv_hidden_dims", ())) or None
 
@@ -369,7 +369,7 @@ class CascadeState:
             min_keep_mlp_fraction=cfg.min_keep_mlp_fraction,
             protected=cfg.protected_blocks,
             additional=cfg.continuation,
-            totals=self.totals,
+            dense_heads=self.dense_heads,
             dense_mlp_dims=self.dense_mlp_dims,
             conv_scores=conv_scores,
             conv_sensitivity=conv_sensitivity,
