@@ -107,10 +107,13 @@ def freeze_for_recovery(model: nn.Module) -> list[nn.Parameter]:
     model.train()
     model.prompt_encoder.eval()
     model.mask_decoder.eval()
-    for module in model.image_encoder.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    for layer in _batchnorm_layers(model.image_encoder):
+        layer.eval()
     return [p for p in model.image_encoder.parameters() if p.requires_grad]
+
+
+def _batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 @torch.no_grad()
@@ -125,7 +128,7 @@ def reestimate_batchnorm(
     (:func:`freeze_for_recovery`). An encoder without BatchNorm (SAM's ViT) is left as it is.
     """
     model = getattr(model, "module", model)
-    layers = [m for m in model.image_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = _batchnorm_layers(model.image_encoder)
     if not layers or not samples:
         return 0
     was_training, momenta = model.training, [layer.momentum for layer in layers]

@@ -24,7 +24,6 @@ __all__ = [
     "conv_blocks",
     "conv_group_sums",
     "conv_kept_indices",
-    "conv_masks_multiplier",
     "conv_structure",
     "slim_conv_block_",
 ]
@@ -168,14 +167,3 @@ def slim_conv_block_(block: nn.Module, keep: Sequence[int]) -> None:
     _sliced_conv_bn(block.conv2, out_index=kept, in_index=None)
     _sliced_conv_bn(block.conv3, out_index=None, in_index=kept)
     block.medcore_kept_channels = [original[i] for i in index]
-
-
-def conv_masks_multiplier(mask: torch.Tensor):
-    """A forward pre-hook for ``conv3`` that zeroes the removed hidden channels of its ``[B, C, H, W]`` input."""
-    mask = mask.detach().clone()
-
-    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x = args[0]
-        return (x * mask.to(device=x.device, dtype=x.dtype)[:, None, None],) + tuple(args[1:])
-
-    return hook

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .conv_groups import conv_blocks, conv_masks_multiplier, conv_structure, slim_conv_block_
+from .conv_groups import conv_blocks, conv_structure, slim_conv_block_
 
 __all__ = [
     "BlockStructure",
@@ -359,8 +359,13 @@ class _MaskHandles:
         self.remove()
 
 
-def _channel_multiplier(mask: torch.Tensor):
-    mask = mask.detach().clone()
+def _channel_multiplier(mask: torch.Tensor, trailing_dims: int = 0):
+    """A forward pre-hook multiplying the input's channels by ``mask``.
+
+    The channels are the last dimension (tokens), or the one before ``trailing_dims`` spatial dimensions
+    (``[B, C, H, W]`` maps: 2).
+    """
+    mask = mask.detach().clone().reshape(-1, *([1] * trailing_dims))
 
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
@@ -378,7 +383,7 @@ def attach_masks(encoder: nn.Module, masks: StructuredMasks) -> _MaskHandles:
     """
     handles = []
     for blk, conv_mask in zip(conv_blocks(encoder), masks.convs):
-        handles.append(blk.conv3.register_forward_pre_hook(conv_masks_multiplier(conv_mask)))
+        handles.append(blk.conv3.register_forward_pre_hook(_channel_multiplier(conv_mask, trailing_dims=2)))
     for blk, head_mask, channel_mask in zip(prunable_blocks(encoder), masks.heads, masks.channels):
         head_dim = blk.attn.qkv.out_features // (3 * blk.attn.num_heads)
         proj_mask = head_mask.repeat_interleave(head_dim)
