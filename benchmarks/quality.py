@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from budgets import Budget, parse_labelled_budgets
 from common import dataset_setup, evaluate, paired_bootstrap, write_results
 
 from medcore_monai.cascade import recover, run_cascade
@@ -58,19 +59,8 @@ def _parse_methods(values: list[str] | None) -> list[tuple[str, int]]:
     return out
 
 
-def _parse_budgets(values: list[str] | None) -> dict[str, tuple[float, float, float]]:
-    """``label=s`` (heads and MLP channels) or ``label=heads,mlp[,mbconv]`` -> label: (heads, mlp, mbconv)."""
-    if not values:
-        return BUDGETS
-    out = {}
-    for label, _, spec in (v.rpartition("=") for v in values):
-        parts = [float(p) for p in spec.split(",")]
-        if len(parts) == 1:
-            parts *= 2
-        if len(parts) not in (2, 3):
-            raise SystemExit(f"budget {label!r}: give one sparsity or heads,mlp[,mbconv], got {spec!r}")
-        out[label] = (parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0)
-    return out
+def _parse_budgets(values: list[str] | None) -> dict[str, Budget]:
+    return parse_labelled_budgets(values) if values else BUDGETS
 
 
 def _score(medsam, calibration, methods, reference, device):

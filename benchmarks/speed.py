@@ -39,8 +39,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from budgets import Budget, parse_budget, parse_labelled_budgets
 
-Budget = tuple[float, float, float]  # head, MLP and MBConv sparsity
 DENSE: Budget = (0.0, 0.0, 0.0)
 BUDGETS = {"dense": DENSE, "-30%": (0.32, 0.32, 0.0), "-60%": (0.63, 0.63, 0.0), "-80%": (0.84, 0.84, 0.0)}
 MODEL_BUDGETS = {
@@ -56,16 +56,6 @@ MODEL_BUDGETS = {
 def budgets_of(model_type: str) -> dict[str, Budget]:
     """Label -> head, MLP and MBConv sparsity of each measured budget."""
     return MODEL_BUDGETS.get(model_type, BUDGETS)
-
-
-def parse_budget(spec: str) -> Budget:
-    """``s`` (heads and MLP), ``heads,mlp`` or ``heads,mlp,mbconv``."""
-    parts = [float(p) for p in spec.split(",")]
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) not in (2, 3):
-        raise SystemExit(f"a budget is one sparsity or heads,mlp[,mbconv], got {spec!r}")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0
 
 
 def build_model(model_type: str, sparsity: Budget) -> torch.nn.Module:
@@ -275,11 +265,7 @@ def main() -> None:
         )  # fmt: skip
         Path(args.out).write_text(json.dumps(result))
         return
-    chosen = None
-    if args.budgets:
-        chosen = {"dense": DENSE} | {
-            label: parse_budget(spec) for label, _, spec in (b.rpartition("=") for b in args.budgets)
-        }
+    chosen = {"dense": DENSE} | parse_labelled_budgets(args.budgets) if args.budgets else None
     rows, calibration = [], []
     scopes = [("eager", False)] + [("onnx", False)] * ("onnx" in args.backends) + [("eager", True)] * args.whole_model
     for model_type in args.models:
