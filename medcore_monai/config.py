@@ -270,12 +270,15 @@ def check_inputs(files: Mapping[str, str | None], data_roots: Any = None, proble
     raise_problems([*input_problems(files, data_roots), *problems])
 
 
-def check_prune_inputs(medsam_ckpt: str | None, sam_ckpt: str | None, score: str, data_roots: Any) -> None:
+def check_prune_inputs(
+    medsam_ckpt: str | None, sam_ckpt: str | None, score: str, data_roots: Any, mbconv_sparsity: float = 0.0
+) -> None:
     """:func:`check_inputs` for a pruning run: the scores ``dual`` and ``reset`` need a parent (``sam_ckpt``).
 
     The parent is the general-domain model the medical one was fine-tuned from, with the same architecture (the
     reset intervention compares them parameter by parameter). Without one (no parent of LiteMedSAM is available
-    offline) the MedCore score is ``zero`` with boundary-aware Fisher.
+    offline) the MedCore score is ``zero`` with boundary-aware Fisher. ``mbconv_sparsity`` needs a model with
+    MBConv blocks (LiteMedSAM's TinyViT).
     """
     needs_sam = score in ("dual", "reset")
     problem = (
@@ -287,7 +290,26 @@ def check_prune_inputs(medsam_ckpt: str | None, sam_ckpt: str | None, score: str
     problems = missing + ([problem] if needs_sam and not sam_ckpt else [])
     if needs_sam and not problems and not input_problems(files):
         problems += architecture_problems(medsam_ckpt, sam_ckpt)
+    if mbconv_sparsity and medsam_ckpt and not input_problems({"medsam_ckpt": medsam_ckpt}):
+        problems += mbconv_problems(medsam_ckpt, mbconv_sparsity)
     check_inputs(files, data_roots, problems)
+
+
+def mbconv_problems(medsam_ckpt: str, mbconv_sparsity: float) -> list[str]:
+    """Why ``mbconv_sparsity`` cannot apply to ``medsam_ckpt`` (its encoder has no MBConv blocks), if it can't."""
+    from .networks import CheckpointError, TinyViTConfig
+    from .networks.build import checkpoint_config
+    from .networks.checkpoint import checkpoint_manifest, extract_state_dict, read_checkpoint
+    from .networks.conv_groups import no_mbconv_blocks_message
+
+    try:
+        obj = read_checkpoint(medsam_ckpt)
+        config = checkpoint_config(
+            extract_state_dict(obj, source=medsam_ckpt), checkpoint_manifest(obj), "auto", medsam_ckpt
+        )
+    except CheckpointError as err:
+        return [str(err)]
+    return [] if isinstance(config, TinyViTConfig) else [no_mbconv_blocks_message(mbconv_sparsity)]
 
 
 def architecture_problems(medsam_ckpt: str, sam_ckpt: str) -> list[str]:

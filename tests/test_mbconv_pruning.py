@@ -293,3 +293,17 @@ def test_an_interrupted_cascade_with_mbconv_pruning_resumes_to_the_same_model(tm
     resumed, _ = _cascade_run(tmp_path / "b")
     assert resumed.image_encoder.conv_blocks()[0].conv1.c.out_channels == 32
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in first.state_dict().items())
+
+
+def test_the_prune_workflow_refuses_mbconv_sparsity_for_a_vit_before_any_work(tmp_path):
+    from medcore_monai.demo import write_synthetic_pairs
+    from medcore_monai.errors import ConfigError
+    from medcore_monai.prune import run_prune
+
+    write_synthetic_pairs(tmp_path / "data", 4, 64, seed=0)
+    checkpoint = tmp_path / "vit_tiny.pth"
+    torch.save(build_sam("tiny", seed=0).state_dict(), checkpoint)
+    settings = {"medsam_ckpt": str(checkpoint), "sam_ckpt": None, "score": "zero", "mbconv_sparsity": 0.3}
+    with pytest.raises(ConfigError, match="no MBConv blocks"):
+        run_prune(**settings, data_roots=[str(tmp_path / "data")], output_dir=str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "recovery").exists()

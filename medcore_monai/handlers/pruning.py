@@ -23,7 +23,7 @@ from torch import nn
 from ..engines.distributed import data_parallel
 from ..engines.measure import model_cost
 from ..engines.recovery import reestimate_batchnorm
-from ..networks.conv_groups import conv_blocks, conv_kept_indices
+from ..networks.conv_groups import conv_blocks, conv_kept_indices, no_mbconv_blocks_message
 from ..pruning.cascade import CascadeConfig, CascadeState, initial_scores
 from ..pruning.fisher import FisherCalibration
 from .checkpointing import register_state, resumed_state
@@ -119,10 +119,7 @@ class PruningHandler:
 
     def _check_mbconv(self, model: nn.Module) -> None:
         if self.cascade.mbconv_sparsity and not conv_blocks(model.image_encoder):
-            raise ValueError(
-                f"mbconv_sparsity {self.cascade.mbconv_sparsity} asks to prune MBConv hidden channels, but this "
-                "encoder has no MBConv blocks (only LiteMedSAM's TinyViT has them): set mbconv_sparsity to 0"
-            )
+            raise ValueError(no_mbconv_blocks_message(self.cascade.mbconv_sparsity))
 
     def prune_stage(self, engine: Engine) -> None:
         """Remove this epoch's family (heads, then channels), slim, and give the trainer a fresh optimizer."""

@@ -24,6 +24,7 @@ __all__ = [
     "conv_blocks",
     "conv_group_sums",
     "conv_kept_indices",
+    "no_mbconv_blocks_message",
     "conv_structure",
     "slim_conv_block_",
 ]
@@ -65,6 +66,14 @@ class ConvBlockStructure:
 def conv_blocks(encoder: nn.Module) -> list[nn.Module]:
     """The encoder's MBConv blocks (``[]`` for SAM's ViT)."""
     return list(encoder.conv_blocks()) if hasattr(encoder, "conv_blocks") else []
+
+
+def no_mbconv_blocks_message(mbconv_sparsity: float) -> str:
+    """The one sentence for ``mbconv_sparsity`` asked of an encoder without MBConv blocks."""
+    return (
+        f"mbconv_sparsity {mbconv_sparsity} asks to prune MBConv hidden channels, but this encoder has no MBConv "
+        "blocks (only LiteMedSAM's TinyViT has them): set mbconv_sparsity to 0"
+    )
 
 
 def conv_structure(encoder: nn.Module) -> list[ConvBlockStructure]:
