@@ -175,15 +175,20 @@ def test_slim_and_masked_cascades_compute_the_same_model(calibration):
     slim = run_cascade(slim_model, calibration, _config(slim=True), reference_model=reference, progress=False)
     masked = run_cascade(masked_model, calibration, _config(slim=False), reference_model=reference, progress=False)
     assert slim.kept_heads == masked.kept_heads and slim.kept_channels == masked.kept_channels
+    assert any(len(h) < 3 for h in masked.kept_heads)
+    # the masked cascade ends compact too: no hooks left, the masked groups are gone from the network
+    assert [kept_indices(b) for b in masked_model.image_encoder.blocks] == list(
+        zip(masked.kept_heads, masked.kept_channels)
+    )
+    assert count_parameters(masked_model) == count_parameters(slim_model)
+    assert not any(m._forward_pre_hooks for m in masked_model.modules())
     images, boxes = _probe(calibration)
-    with torch.no_grad(), attach_masks(masked_model.image_encoder, masked.masks):
-        expected = masked_model(images, boxes)
     with torch.no_grad():
-        got = slim_model(images, boxes)
-    assert (got - expected).abs().max() < 1e-3
+        assert (slim_model(images, boxes) - masked_model(images, boxes)).abs().max() < 1e-3
 
 
-def test_continuation_prunes_only_unprotected_blocks_of_a_compact_model(calibration):
+@pytest.mark.parametrize("slim", [True, False], ids=["slimmed", "masked"])
+def test_continuation_prunes_only_unprotected_blocks_of_a_compact_model(calibration, slim):
     model, reference = _model(), _model(1)
     stage1 = _config(head_sparsity=0.4, protected_blocks=(4, 5))
     run_cascade(model, calibration, stage1, reference_model=reference, progress=False)
@@ -191,11 +196,12 @@ def test_continuation_prunes_only_unprotected_blocks_of_a_compact_model(calibrat
     result = run_cascade(
         model,
         calibration,
-        _config(head_sparsity=0.1, mlp_sparsity=0.1, protected_blocks=(0, 1, 2, 3), continuation=True),
+        _config(head_sparsity=0.1, mlp_sparsity=0.1, protected_blocks=(0, 1, 2, 3), continuation=True, slim=slim),
         reference_model=reference,
         progress=False,
     )
     second = [kept_indices(b) for b in model.image_encoder.blocks]
+    assert list(zip(result.kept_heads, result.kept_channels)) == second  # indices of the dense encoder
     assert second[:4] == first[:4]
     for (h1, c1), (h2, c2) in zip(first, second):
         assert set(h2) <= set(h1) and set(c2) <= set(c1)  # nothing regrows

@@ -11,7 +11,7 @@ from medcore_monai.bundle import run_workflow
 from medcore_monai.config import ConfigError
 from medcore_monai.demo import write_synthetic_pairs
 from medcore_monai.engines.recovery import RecoveryTrainer
-from medcore_monai.networks import build_sam, load_sam
+from medcore_monai.networks import build_sam, kept_indices, load_sam
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,10 @@ def test_a_rerun_with_other_settings_is_refused_and_resume_false_starts_over(inp
     assert fresh["resumed_from"] is None and fresh["config"]["recovery_lr"] == 1e-3
 
 
-def test_an_interrupted_pruning_run_resumes_to_the_uninterrupted_model(inputs, tmp_path, monkeypatch):
-    whole = _prune(inputs, tmp_path / "whole")
+@pytest.mark.parametrize("slim", [True, False], ids=["slimmed", "masked"])
+def test_an_interrupted_pruning_run_resumes_to_the_uninterrupted_model(inputs, tmp_path, monkeypatch, slim):
+    """Masked runs (``slim: false``) too: their masks are hooks, outside the saved network, and must be restored."""
+    whole = _prune(inputs, tmp_path / "whole", slim=slim)
     original = RecoveryTrainer._iteration
 
     def killed_at_6(self, engine, batch):
@@ -70,14 +72,18 @@ def test_an_interrupted_pruning_run_resumes_to_the_uninterrupted_model(inputs, t
 
     monkeypatch.setattr(RecoveryTrainer, "_iteration", killed_at_6)
     with pytest.raises(KeyboardInterrupt):
-        _prune(inputs, tmp_path / "cut")
+        _prune(inputs, tmp_path / "cut", slim=slim)
     monkeypatch.setattr(RecoveryTrainer, "_iteration", original)
-    resumed = _prune(inputs, tmp_path / "cut")
+    resumed = _prune(inputs, tmp_path / "cut", slim=slim)
     assert resumed["resumed_from"]["iteration"] == 5
     assert resumed["recovery"] == whole["recovery"]  # the loss history before the interruption is kept
     assert resumed["budgets"] == whole["budgets"] and resumed["kept_heads"] == whole["kept_heads"]
     a, b = _weights(tmp_path / "whole" / "model_pruned.pt"), _weights(tmp_path / "cut" / "model_pruned.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["metrics"]["macro"]["after"] == whole["metrics"]["macro"]["after"]
+    saved = load_sam(tmp_path / "cut" / "model_pruned.pt").image_encoder.blocks
+    assert [kept_indices(block)[0] for block in saved] == whole["kept_heads"]
+    assert resumed["reduction"]["encoder_params"] > 0.1  # the saved model is the pruned one, not the dense weights
 
 
 def test_an_unreadable_mask_gives_one_error_naming_the_file(inputs, tmp_path):

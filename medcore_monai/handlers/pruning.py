@@ -24,6 +24,7 @@ from ..engines.distributed import data_parallel
 from ..engines.measure import model_cost
 from ..engines.recovery import reestimate_batchnorm
 from ..networks.conv_groups import conv_blocks, conv_kept_indices, no_mbconv_blocks_message
+from ..networks.structure import StructuredMasks
 from ..pruning.cascade import CascadeConfig, CascadeState, initial_scores
 from ..pruning.fisher import FisherCalibration
 from .checkpointing import register_state, resumed_state
@@ -89,11 +90,21 @@ class PruningHandler:
         engine.add_event_handler(Events.STARTED, self.score)
         engine.add_event_handler(Events.EPOCH_STARTED, self.prune_stage)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._stage_done)
+        engine.add_event_handler(Events.COMPLETED, self.finalize)
 
     def _resume(self, engine: Engine) -> None:
         restored = resumed_state(engine, "pruning")
-        if restored is not None:
-            self.load_state_dict(restored)
+        if restored is None:
+            return
+        self.load_state_dict(restored)
+        if restored.get("masks") is not None:  # slim: false, the hooks are not part of the saved network
+            self._cascade_state(engine).restore_masks(StructuredMasks(**restored["masks"]))
+
+    def finalize(self, engine: Engine) -> None:
+        """End a masked cascade (``slim: false``) compact, so the saved model is the pruned one."""
+        if self.state is not None and self.state.masked:
+            self.state.finalize()
+            logger.info("masked groups removed: the pruned model is saved compact")
 
     def _cascade_state(self, engine: Engine) -> CascadeState:
         if self.state is None:
@@ -169,6 +180,12 @@ class PruningHandler:
         if self.on_stage is not None and self.applied:
             self.on_stage(self.applied[-1], _model(engine.network))
 
+    def pruned_network(self, engine: Engine) -> nn.Module:
+        """The network as pruned so far: the trainer's own, or a compact copy while masks hide the removed groups."""
+        if self.state is not None and self.state.masked:
+            return self.state.compact_copy()
+        return _model(engine.network)
+
     def kept(self, engine_or_model: Any) -> tuple[list[list[int]], list[list[int]]]:
         """Kept heads and channels per block (original indices)."""
         if self.state is not None:
@@ -197,6 +214,7 @@ class PruningHandler:
             "applied": self.applied,
             "fisher_counts": self.fisher_counts,
             "timing": self.timing,
+            "masks": vars(self.state.masks) if self.state is not None and self.state.masked else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -250,7 +268,8 @@ class StageRecorder:
         done = len(pruning.applied) if pruning is not None else min(evaluator.state.epoch, len(self.names) - 1)
         stage = self.names[min(done, len(self.names) - 1)]
         results = self.metrics.results
-        row = {"method": "cascade", "stage": stage, **model_cost(self.trainer.network)}
+        network = pruning.pruned_network(self.trainer) if pruning is not None else self.trainer.network
+        row = {"method": "cascade", "stage": stage, **model_cost(network)}
         row |= {k: v for k, v in results.get("macro", {}).items()}
         row["datasets"] = {d: r for d, r in results.items() if d != "macro"}
         self.rows[:] = [r for r in self.rows if r["stage"] != stage] + [row]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,11 @@ class CascadeConfig:
 
 @dataclass
 class CascadeResult:
-    """What one cascade did."""
+    """What one cascade did.
+
+    The model ends compact whether the cascade slimmed after every step or recovered with masks (``slim: false``),
+    so ``masks`` keep everything of the returned model and the kept indices name groups of the dense encoder.
+    """
 
     masks: StructuredMasks
     budgets: list[BudgetReport]
@@ -337,18 +342,60 @@ class CascadeState:
             self.hooks.remove()
         self.hooks = attach_masks(self.model.image_encoder, self.masks)
 
+    @property
+    def masked(self) -> bool:
+        """Whether removed groups are still in the network, switched off by mask hooks (``slim: false``)."""
+        return self.hooks is not None
+
+    def restore_masks(self, masks: StructuredMasks) -> None:
+        """Switch ``masks`` back on after a resume: the training checkpoint holds the dense weights, not the hooks."""
+        self.masks = StructuredMasks.for_encoder(self.model.image_encoder)
+        self.hooks = None
+        self.apply(masks)
+
+    def compact_copy(self) -> nn.Module:
+        """The network as its masks make it, with the removed groups gone.
+
+        A copy when masked (costs are counted on it), so the cascade's own model keeps its hooks.
+        """
+        if not self.masked:
+            return self.model
+        self.hooks.remove()  # hooks hold the masks of the dense widths: they must not travel with the copy
+        try:
+            copy = deepcopy(self.model)
+        finally:
+            self.hooks = attach_masks(self.model.image_encoder, self.masks)
+        slim_encoder_(copy.image_encoder, self.masks)
+        return copy
+
+    def finalize(self) -> None:
+        """Remove the masked groups physically (nothing to do for a slimmed cascade); the function is unchanged.
+
+        A masked cascade ends compact like a slimmed one, so what is saved is the pruned model, never the dense
+        weights that the hooks were hiding.
+        """
+        if not self.masked:
+            return
+        self.hooks.remove()
+        self.hooks = None
+        slim_encoder_(self.model.image_encoder, self.masks)
+        self.masks = StructuredMasks.for_encoder(self.model.image_encoder)
+
     def kept(self) -> tuple[list[list[int]], list[list[int]]]:
         """Kept heads and MLP channels per block, as indices of the original dense encoder."""
-        if self.config.slim:
-            blocks = prunable_blocks(self.model.image_encoder)
-            return [kept_indices(b)[0] for b in blocks], [kept_indices(b)[1] for b in blocks]
-        return self.masks.kept_heads(), self.masks.kept_channels()
+        present = [kept_indices(b) for b in prunable_blocks(self.model.image_encoder)]
+        heads, channels = [h for h, _ in present], [c for _, c in present]
+        if self.masked:  # mask positions index the (possibly already compact) network as it is
+            heads = [[h[i] for i in kept] for h, kept in zip(heads, self.masks.kept_heads())]
+            channels = [[c[i] for i in kept] for c, kept in zip(channels, self.masks.kept_channels())]
+        return heads, channels
 
     def kept_convs(self) -> list[list[int]]:
         """Kept MBConv hidden channels per MBConv block, as indices of the original dense encoder."""
-        if self.config.slim:
-            return [conv_kept_indices(b) for b in conv_blocks(self.model.image_encoder)]
-        return self.masks.kept_convs()
+        present = [conv_kept_indices(b) for b in conv_blocks(self.model.image_encoder)]
+        if self.masked:
+            return [[c[i] for i in kept] for c, kept in zip(present, self.masks.kept_convs())]
+        return present
 
     def plan(
         self, head_scores, channel_scores, sensitivity, family: str, conv_scores=None, conv_sensitivity=None
