@@ -1,0 +1,163 @@
+"""Recovery curves: a pruned model's quality against recovery steps, recovering on few or many training images.
+
+Usage::
+
+    python benchmarks/recovery_curve.py --data-root ../shared/data/kvasir_seg --medsam <lite_medsam.pth> \
+        --method magnitude --budget "-49% FLOPs=0.67" --arms 16:1e-4 256:1e-4 --steps 400 --every 100 \
+        --val-images 48 --test-images 100 --threads 2 --out docs/benchmarks_recovery_curve.json
+
+The model is pruned once (both cascade steps, no recovery in between, block budgets from the usual 16-image
+calibration), then each arm recovers a copy of it with the recovery trainer the cascade uses (AdamW, batch 1,
+images drawn by boundary complexity, the dense model's cached outputs as teacher) on the first ``N`` images of the
+training split of the standard seed-42 split (``N`` = the calibration size is the cascade's own recovery set: the
+calibration images are the first ones of the training split). Quality is measured on validation images every
+``--every`` steps (this selects a design, so never on the test split) and, for the final models, on the test
+split with per-image paired differences against the dense model and between the arms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+from budgets import parse_labelled_budgets
+from common import SEED, dataset_setup, evaluate_summary, paired_bootstrap, write_results
+from ignite.engine import Events
+
+from medcore_monai.cascade import adamw_factory, run_cascade
+from medcore_monai.engines.measure import model_cost
+from medcore_monai.engines.recovery import (
+    RecoveryConfig,
+    RecoveryTrainer,
+    TeacherOutputs,
+    freeze_for_recovery,
+    recovery_loader,
+)
+from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
+from medcore_monai.transforms.samples import preprocess_split
+
+METRICS = ("dice", "bf1", "hd95")
+
+
+def _arm(value: str) -> tuple[int, float]:
+    images, lr = value.split(":")
+    return int(images), float(lr)
+
+
+def _training_images(setup, count: int) -> list[dict]:
+    """The first ``count`` training images with tight boxes, named like the calibration samples."""
+    items = setup.data.split(setup.name, "train")[:count]
+    model = setup.medsam
+    samples = preprocess_split(items, model.img_size, 0, SEED, lowres_size=model.low_res_size)
+    return [dict(samples[i]) | {"name": f"{setup.name}/{samples[i]['name']}"} for i in range(len(samples))]
+
+
+def _summary(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "per_image"}
+
+
+def _recovery_curve(pruned, teacher, samples, lr: float, steps: int, every: int, val) -> tuple[object, list[dict]]:
+    """Recover a copy of ``pruned`` for ``steps`` steps, scoring it on ``val`` every ``every`` steps."""
+    model = copy.deepcopy(pruned)
+    config = RecoveryConfig(steps=steps, lr=lr, seed=SEED)
+    trainer = RecoveryTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=recovery_loader(samples, steps, 1, SEED),
+        network=model,
+        optimizer=adamw_factory(config),
+        teacher=teacher,
+        epoch_length=steps,
+    )
+    curve = [{"step": 0, **evaluate_summary(model, val, "cpu")}]
+    clock = {"start": time.perf_counter(), "evaluating": 0.0}
+
+    @trainer.on(Events.ITERATION_COMPLETED(every=every))
+    def _score(engine) -> None:
+        started = time.perf_counter()
+        point = {"step": engine.state.iteration, **evaluate_summary(model, val, "cpu")}
+        point["loss"] = sum(trainer.losses[1][-every:]) / every
+        clock["evaluating"] += time.perf_counter() - started
+        point["train_seconds"] = time.perf_counter() - clock["start"] - clock["evaluating"]
+        curve.append(point)
+        print(json.dumps(point), flush=True)
+        freeze_for_recovery(model)  # evaluation left every module in eval mode
+
+    trainer.run()
+    return model, curve
+
+
+def main() -> None:
+    """Prune once, recover each arm with its curve, score the final models on the test split."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--dataset-name", default="kvasir")
+    parser.add_argument("--medsam", required=True)
+    parser.add_argument("--method", default="magnitude")
+    parser.add_argument("--budget", default="-49% FLOPs=0.67", help="label=sparsity or label=heads,mlp[,mbconv]")
+    parser.add_argument("--arms", nargs="+", type=_arm, default=[(16, 1e-4), (256, 1e-4)], help="images:lr ...")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--cal-size", type=int, default=16)
+    parser.add_argument("--val-images", type=int, default=48)
+    parser.add_argument("--test-images", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="docs/benchmarks_recovery_curve.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    setup = dataset_setup(args.data_root, args.medsam, None, args.cal_size, args.test_images, "cpu", args.dataset_name)
+    medsam = setup.medsam
+    val_items = setup.data.split(setup.name, "val")[: args.val_images]
+    val = preprocess_split(val_items, medsam.img_size, 5, SEED, lowres_size=medsam.low_res_size)
+    (label, (heads, mlp, mbconv)), *_ = parse_labelled_budgets([args.budget]).items()
+    facts = {"method": args.method, "budget": label, "steps": args.steps, "validation_images": len(val)}
+    facts |= {"test_images": len(setup.test_items), "calibration_images": args.cal_size}
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps({k: v for k, v in _summary(row).items() if k != "curve"}), flush=True)
+        write_results(args.out, rows, "cpu", args.threads, start, complete=False, **facts)
+
+    add(
+        {
+            "arm": "dense",
+            **model_cost(medsam),
+            "val": evaluate_summary(medsam, val, "cpu"),
+            **evaluate_summary(medsam, setup.test_samples, "cpu", per_image=True),
+        }
+    )
+    scored = score_model_methods(medsam, setup.calibration, [(args.method, 0)], CascadeConfig(), None, "cpu", False)
+    pruned = copy.deepcopy(medsam)
+    cascade = CascadeConfig(
+        head_sparsity=heads,
+        mlp_sparsity=mlp,
+        mbconv_sparsity=mbconv,
+        score=args.method,
+        recovery=RecoveryConfig(steps=0),
+    )
+    run_cascade(pruned, setup.calibration, cascade, None, "cpu", progress=False, precomputed=scored[(args.method, 0)])
+    for images, lr in args.arms:
+        arm_start = time.perf_counter()
+        samples = _training_images(setup, images)
+        teacher = TeacherOutputs(medsam, cache=True).precompute(samples, "cpu")
+        teacher_seconds = time.perf_counter() - arm_start
+        model, curve = _recovery_curve(pruned, teacher, samples, lr, args.steps, args.every, val)
+        row = {"arm": f"{len(samples)} images, lr {lr:g}", "images": len(samples), "lr": lr, **model_cost(model)}
+        row |= {"curve": curve, "teacher_seconds": teacher_seconds, "seconds": time.perf_counter() - arm_start}
+        add(row | evaluate_summary(model, setup.test_samples, "cpu", per_image=True))
+        del teacher
+    dense, arms = rows[0], rows[1:]
+    for row in arms:
+        row["vs_dense"] = {m: paired_bootstrap(row["per_image"][m], dense["per_image"][m]) for m in METRICS}
+    for a, b in zip(arms, arms[1:]):
+        b[f"vs {a['arm']}"] = {m: paired_bootstrap(b["per_image"][m], a["per_image"][m]) for m in METRICS}
+    write_results(args.out, rows, "cpu", args.threads, start, complete=True, **facts)
+
+
+if __name__ == "__main__":
+    main()
