@@ -80,6 +80,15 @@ def kvasir_setup(
     return dataset_setup(kvasir_root, medsam, sam, cal_size, max_test, device, name="kvasir")
 
 
+def training_samples(setup: DatasetSetup, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` training images with tight boxes, named like the calibration samples (which they include:
+    the calibration images are the first ones of the training split)."""
+    model = setup.medsam
+    items = setup.data.split(setup.name, "train")[:count]
+    samples = preprocess_split(items, model.img_size, 0, SEED, lowres_size=model.low_res_size)
+    return [dict(samples[i]) | {"name": f"{setup.name}/{samples[i]['name']}"} for i in range(len(samples))]
+
+
 def evaluate_summary(model, samples, device, per_image: bool = False) -> dict:
     """Mean Dice, IoU, BF1, HD95 of ``model`` over preprocessed samples (and the per-image rows on request)."""
     rows = evaluate_model(model, DataLoader(samples, batch_size=8), device)

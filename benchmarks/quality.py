@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from budgets import Budget, parse_labelled_budgets
-from common import dataset_setup, evaluate, paired_bootstrap, write_results
+from common import dataset_setup, evaluate, paired_bootstrap, training_samples, write_results
 
 from medcore_monai.cascade import recover, run_cascade
 from medcore_monai.engines.measure import model_cost
@@ -90,10 +90,9 @@ def _comparisons(rows: list[dict]) -> None:
             }
 
 
-def _dense_with_recovery(medsam, calibration, recovery: RecoveryConfig, device) -> MedSAM:
+def _dense_with_recovery(medsam, samples, recovery: RecoveryConfig, device) -> MedSAM:
     model = copy.deepcopy(medsam)
     teacher = TeacherOutputs(model, cache=True)
-    samples = [s for group in calibration.values() for s in group]
     teacher.precompute(samples, device)
     for _ in ("heads", "mlp"):  # the same two recoveries the cascade runs
         recover(model, teacher, samples, recovery, device, progress=False)
@@ -117,6 +116,12 @@ def main() -> None:
     parser.add_argument("--recovery-steps", type=int, default=100, help="steps after each cascade step")
     parser.add_argument("--recovery-lr", type=float, default=1e-5)
     parser.add_argument(
+        "--recovery-images",
+        type=int,
+        default=None,
+        help="recover on the first N training images (default: calibration)",
+    )
+    parser.add_argument(
         "--reestimate-batchnorm", action="store_true", help="recompute BatchNorm statistics after each pruning step"
     )
     parser.add_argument("--max-test", type=int, default=None)
@@ -136,6 +141,8 @@ def main() -> None:
     )
     medsam, reference, calibration = setup.medsam, setup.reference, setup.calibration
     recovery = RecoveryConfig(steps=args.recovery_steps, lr=args.recovery_lr, seed=42)
+    pooled = [s for group in calibration.values() for s in group]
+    recovery_samples = training_samples(setup, args.recovery_images) if args.recovery_images else pooled
 
     methods, budgets = _parse_methods(args.methods), _parse_budgets(args.budgets)
     volumes = list(dict.fromkeys(item.get("volume") for item in setup.test_items))
@@ -144,6 +151,7 @@ def main() -> None:
         "test_images": len(setup.test_items),
         "test_volumes": len(volumes[: args.max_test]) if setup.volumes else None,
         "calibration_images": sum(len(v) for v in calibration.values()),
+        "recovery_images": len(recovery_samples),
     }
     rows: list[dict] = []
 
@@ -155,7 +163,7 @@ def main() -> None:
 
     add({"method": "dense (no recovery)", "budget": "0%", **model_cost(medsam), **evaluate(medsam, setup, device)})
     if not args.no_dense_recovery:
-        dense = _dense_with_recovery(medsam, calibration, recovery, device)
+        dense = _dense_with_recovery(medsam, recovery_samples, recovery, device)
         add({"method": "dense + recovery", "budget": "0%", **model_cost(dense), **evaluate(dense, setup, device)})
 
     scored = _score(medsam, calibration, methods, reference, device)
@@ -171,7 +179,16 @@ def main() -> None:
                 seed=seed,
                 recovery=recovery,
             )
-            result = run_cascade(model, calibration, config, reference, device, progress=False, precomputed=precomputed)
+            result = run_cascade(
+                model,
+                calibration,
+                config,
+                reference,
+                device,
+                progress=False,
+                precomputed=precomputed,
+                recovery_samples=recovery_samples,
+            )
             row = {"method": method, "seed": seed, "budget": budget, **model_cost(model)}
             row["achieved"] = [r.achieved_sparsity for r in result.budgets]
             add(row | evaluate(model, setup, device))

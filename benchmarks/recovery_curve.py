@@ -24,7 +24,7 @@ import time
 
 import torch
 from budgets import parse_labelled_budgets
-from common import SEED, dataset_setup, evaluate_summary, paired_bootstrap, write_results
+from common import SEED, dataset_setup, evaluate_summary, paired_bootstrap, training_samples, write_results
 from ignite.engine import Events
 
 from medcore_monai.cascade import adamw_factory, run_cascade
@@ -45,14 +45,6 @@ METRICS = ("dice", "bf1", "hd95")
 def _arm(value: str) -> tuple[int, float]:
     images, lr = value.split(":")
     return int(images), float(lr)
-
-
-def _training_images(setup, count: int) -> list[dict]:
-    """The first ``count`` training images with tight boxes, named like the calibration samples."""
-    items = setup.data.split(setup.name, "train")[:count]
-    model = setup.medsam
-    samples = preprocess_split(items, model.img_size, 0, SEED, lowres_size=model.low_res_size)
-    return [dict(samples[i]) | {"name": f"{setup.name}/{samples[i]['name']}"} for i in range(len(samples))]
 
 
 def _summary(row: dict) -> dict:
@@ -143,7 +135,7 @@ def main() -> None:
     run_cascade(pruned, setup.calibration, cascade, None, "cpu", progress=False, precomputed=scored[(args.method, 0)])
     for images, lr in args.arms:
         arm_start = time.perf_counter()
-        samples = _training_images(setup, images)
+        samples = training_samples(setup, images)
         teacher = TeacherOutputs(medsam, cache=True).precompute(samples, "cpu")
         teacher_seconds = time.perf_counter() - arm_start
         model, curve = _recovery_curve(pruned, teacher, samples, lr, args.steps, args.every, val)

@@ -122,6 +122,7 @@ def run_cascade(
     precomputed: tuple | None = None,
     on_stage: Callable[[str, nn.Module], None] | None = None,
     tensorboard_dir: str | Path | None = None,
+    recovery_samples: Sequence[Mapping[str, Any]] | None = None,
 ) -> CascadeResult:
     """Prune ``model`` (a :class:`~medcore_monai.networks.MedSAM`) in place.
 
@@ -137,6 +138,8 @@ def run_cascade(
             model and calibration, to prune one model at several budgets without calibrating again.
         on_stage: called as ``on_stage(stage, model)`` after each step's recovery (``"heads"``, ``"mlp"``).
         tensorboard_dir: log the recovery losses there.
+        recovery_samples: the images recovery trains on (tight boxes and unique names, like the calibration
+            samples); default: the calibration samples.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
@@ -144,10 +147,11 @@ def run_cascade(
     if not calibration or any(len(samples) == 0 for samples in calibration.values()):
         raise ValueError("every calibration dataset needs at least one sample")
     recovery = config.recovery
-    teacher = TeacherOutputs(model, cache=config.teacher_cache).precompute(pooled, device)
+    samples = list(recovery_samples) if recovery_samples is not None else pooled
+    teacher = TeacherOutputs(model, cache=config.teacher_cache).precompute(samples, device)
     pruning = PruningHandler(config, calibration, reference_model, precomputed, progress, on_stage)
     folder = Path(output_dir) / "recovery" if output_dir else None
-    trainer = _recovery_trainer(model, pooled, recovery, teacher, device, 2, folder, [pruning])
+    trainer = _recovery_trainer(model, samples, recovery, teacher, device, 2, folder, [pruning])
     _progress(trainer, progress, "recovery")
     _tensorboard(trainer, tensorboard_dir)
     trainer.run()

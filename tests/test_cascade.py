@@ -266,3 +266,14 @@ def test_precomputed_scores_give_the_same_cascade(calibration):
     assert "fisher" not in reused.timing
     with pytest.raises(ValueError, match="recompute_mlp_scores"):
         run_cascade(_model(), calibration, _config(recompute_mlp_scores=True), precomputed=precomputed)
+
+
+def test_recovery_can_train_on_other_images_than_the_calibration(calibration):
+    transform = medsam_preprocess(size=256)
+    others = [transform(item) | {"name": f"other_{k}"} for k, item in enumerate(synthetic_items(2, 256, 7))]
+    default = run_cascade(_model(), calibration, _config(score="magnitude"), progress=False)
+    wider = run_cascade(_model(), calibration, _config(score="magnitude"), progress=False, recovery_samples=others)
+    assert wider.kept_heads == default.kept_heads  # the same calibration decides what is removed
+    assert wider.recovery["heads"]["losses"] != default.recovery["heads"]["losses"]
+    with pytest.raises(ValueError, match="at least one"):
+        run_cascade(_model(), calibration, _config(score="magnitude"), progress=False, recovery_samples=[])

@@ -379,3 +379,22 @@ def test_an_image_with_non_finite_values_is_refused_naming_the_file(tmp_path: Pa
     nib.save(nib.Nifti1Image(finite, np.eye(4)), tmp_path / "case.nii.gz")
     loaded = reader(item)
     assert EnsureFinited(keys=["image", "label"])(loaded) is not None  # finite data pass unchanged
+
+
+def test_split_head_and_split_groups_take_the_first_slices_of_a_split_in_manifest_order() -> None:
+    from medcore_monai.data import SplitDatalists, split_groups
+
+    root = Path(__file__).resolve().parents[1] / "bundle" / "sample_data" / "hippocampus"
+    datalists = SplitDatalists([str(root)], cal_size=5)
+    (name,) = datalists.dataset_list
+    train = datalists.manifest.splits[name]["train"]
+    head = datalists.split_head("train", 7)
+    assert {f"{item['volume']}_s{i:03d}" for item in head for i in item["slices"]} == set(train[:7])
+    assert train[:5] == datalists.manifest.splits[name]["calibration"]  # the head begins with the calibration
+    samples = [{"name": n, "dataset": name, "value": k} for k, n in enumerate(reversed(train[:9]))]
+    groups = split_groups(samples, datalists, "train", 7)
+    assert [s["name"] for s in groups[name]] == [f"{name}/{n}" for n in train[:7]]  # manifest order, named
+    with pytest.raises(DataError, match="2 train samples are not in the dataset"):
+        split_groups(samples[2:], datalists, "train", 9)
+    with pytest.raises(ValueError, match="positive"):
+        datalists.split_head("train", 0)

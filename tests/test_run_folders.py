@@ -86,6 +86,17 @@ def test_an_interrupted_pruning_run_resumes_to_the_uninterrupted_model(inputs, t
     assert resumed["reduction"]["encoder_params"] > 0.1  # the saved model is the pruned one, not the dense weights
 
 
+def test_recovery_on_more_training_images_than_the_calibration_set(inputs, tmp_path):
+    calibration_only = _prune(inputs, tmp_path / "calibration")
+    assert calibration_only["recovery_images"] == {"data": 3}  # cal_size
+    wider = _prune(inputs, tmp_path / "train", recovery_images=4)
+    splits = json.loads((tmp_path / "train" / "splits.json").read_text())
+    assert len(splits["splits"]["data"]["train"]) >= 4
+    assert wider["recovery_images"] == {"data": 4}
+    assert wider["recovery"] != calibration_only["recovery"]  # other images drawn, other losses
+    assert wider["kept_heads"] == calibration_only["kept_heads"]  # calibration and scores are unchanged
+
+
 def test_an_unreadable_mask_gives_one_error_naming_the_file(inputs, tmp_path):
     from medcore_monai.data import DataError
 

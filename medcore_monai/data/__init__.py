@@ -8,6 +8,7 @@ from medcore_monai.data.datalists import (
     dataset_name,
     foreground_slices,
     pooled,
+    split_groups,
 )
 from medcore_monai.data.errors import DataError
 from medcore_monai.data.io import IMAGE_SUFFIXES_2D, TIFF_SUFFIXES, read_image_2d
@@ -52,5 +53,6 @@ __all__ = [
     "normalise_intensity",
     "read_image_2d",
     "sample_stem",
+    "split_groups",
     "transform_fingerprint",
 ]

@@ -173,6 +173,19 @@ class SplitDatalists:
             entry["slices"].append(int(sample["slice_index"]))
         return out
 
+    def split_head(self, split: str, count: int) -> list[dict[str, Any]]:
+        """Items holding the first ``count`` samples of a split per dataset (images, or slices of volumes).
+
+        The samples are taken in manifest order, so the head of ``train`` begins with the calibration samples.
+        """
+        if int(count) < 1:
+            raise ValueError(f"count must be a positive number of samples, got {count!r}")
+        out: list[dict[str, Any]] = []
+        for name in self.items:
+            selected = apply_split(self._samples_by_dataset[name], self.manifest, split, name)[: int(count)]
+            out += self._as_items(name, selected)
+        return out
+
     def sample_names(self, split: str) -> list[str]:
         """Sample names of a split in manifest order (slices for volumes), e.g. to order calibration samples."""
         return [str(n) for name in self.items for n in self.manifest.splits[name][split]]
@@ -215,12 +228,30 @@ def calibration_groups(dataset: Any, datalists: SplitDatalists) -> dict[str, lis
         dataset: the calibration dataset (e.g. a :class:`~medcore_monai.data.SampleCacheDataset`).
         datalists: the split it was made from.
     """
+    return split_groups(dataset, datalists, "calibration")
+
+
+def split_groups(
+    dataset: Any, datalists: SplitDatalists, split: str, count: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Preprocessed samples of a split (its first ``count`` per dataset) as :func:`calibration_groups` names them.
+
+    Args:
+        dataset: a dataset of preprocessed samples holding at least those (e.g. made from
+            :meth:`SplitDatalists.split_head`).
+        datalists: the split it was made from.
+        split: the manifest split.
+        count: samples per dataset (``None``: all of the split).
+    """
     samples = [dataset[i] for i in range(len(dataset))]
     by_key = {(str(s.get("dataset", "data")), str(s["name"])): s for s in samples}
     groups: dict[str, list[dict[str, Any]]] = {}
     for name in datalists.items:
-        ordered = [by_key[(name, str(n))] for n in datalists.manifest.splits[name]["calibration"]]
-        groups[name] = [dict(s) | {"name": f"{name}/{s['name']}"} for s in ordered]
+        names = datalists.manifest.splits[name][split][:count]
+        missing = [n for n in names if (name, str(n)) not in by_key]
+        if missing:
+            raise DataError(f"{name}: {len(missing)} {split} samples are not in the dataset, e.g. {missing[0]!r}")
+        groups[name] = [dict(by_key[(name, str(n))]) | {"name": f"{name}/{n}"} for n in names]
     return groups
 
 

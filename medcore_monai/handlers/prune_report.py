@@ -1,7 +1,7 @@
 """The pruning run's outputs, written when the recovery trainer completes.
 
 ``report.json`` (settings, inputs with SHA-256, split sizes, budgets, kept indices, cost before/after, metrics per
-dataset and stage with ``n``, BLR95 if measured, recovery losses, timing), ``report.md`` with plots,
+dataset and stage with ``n``, BLR95 if measured, recovery losses and images, timing), ``report.md`` with plots,
 ``scores.npz`` and ``model_pruned.pt`` in the project's one checkpoint format.
 """
 
@@ -113,6 +113,7 @@ class PruneReport:
             "leverage": getattr(engine.state, "leverage", None),
             "fisher_samples": pruning.fisher_counts,
             "recovery": recovery,
+            "recovery_images": _images_per_dataset(getattr(engine.data_loader, "dataset", None) or []),
             "timing": dict(pruning.timing)
             | {f"recovery_{name}": engine.seconds.get(i + 1, 0.0) for i, name in enumerate(pruning.applied)}
             | dict(getattr(engine.state, "stage_timing", {}))
@@ -175,6 +176,15 @@ class PruneReport:
             scatter = out / "score_scatter.png"
             images["Zero vs reset head scores"] = plot_score_scatter(zero, reset, scatter, blocks=blocks)
         write_report_markdown(report, out / "report.md", images)
+
+
+def _images_per_dataset(samples: Any) -> dict[str, int]:
+    """How many images (slices) recovery drew from, per dataset (sample names are ``<dataset>/<sample>``)."""
+    counts: dict[str, int] = {}
+    for sample in samples:
+        dataset = str(sample["name"]).rpartition("/")[0] or "data"
+        counts[dataset] = counts.get(dataset, 0) + 1
+    return counts
 
 
 def _is_main() -> bool:
