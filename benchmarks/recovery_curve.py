@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 
@@ -36,22 +37,28 @@ from medcore_monai.engines.recovery import (
     freeze_for_recovery,
     recovery_loader,
 )
+from medcore_monai.losses.recovery import RecoveryLossWeights
 from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 from medcore_monai.transforms.samples import preprocess_split
 
 METRICS = ("dice", "bf1", "hd95")
 
 
-def _arm(value: str) -> tuple[int, float]:
-    images, lr = value.split(":")
-    return int(images), float(lr)
+def _arm(value: str) -> tuple[int, float, RecoveryLossWeights]:
+    """``images:lr`` or ``images:lr:feature,logit`` (the feature and logit distillation weights)."""
+    images, lr, *weights = value.split(":")
+    loss = RecoveryLossWeights()
+    if weights:
+        feature, logit = (float(w) for w in weights[0].split(","))
+        loss = dataclasses.replace(loss, feature=feature, logit=logit)
+    return int(images), float(lr), loss
 
 
 def _summary(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "per_image"}
 
 
-def _recovery_curve(pruned, teacher, samples, lr: float, steps: int, every: int, val) -> tuple[object, list[dict]]:
+def _recovery_curve(pruned, teacher, samples, lr, loss, steps: int, every: int, val) -> tuple[object, list[dict]]:
     """Recover a copy of ``pruned`` for ``steps`` steps, scoring it on ``val`` every ``every`` steps."""
     model = copy.deepcopy(pruned)
     config = RecoveryConfig(steps=steps, lr=lr, seed=SEED)
@@ -62,6 +69,7 @@ def _recovery_curve(pruned, teacher, samples, lr: float, steps: int, every: int,
         network=model,
         optimizer=adamw_factory(config),
         teacher=teacher,
+        loss_weights=loss,
         epoch_length=steps,
     )
     curve = [{"step": 0, **evaluate_summary(model, val, "cpu")}]
@@ -90,7 +98,7 @@ def main() -> None:
     parser.add_argument("--medsam", required=True)
     parser.add_argument("--method", default="magnitude")
     parser.add_argument("--budget", default="-49% FLOPs=0.67", help="label=sparsity or label=heads,mlp[,mbconv]")
-    parser.add_argument("--arms", nargs="+", type=_arm, default=[(16, 1e-4), (256, 1e-4)], help="images:lr ...")
+    parser.add_argument("--arms", nargs="+", type=_arm, default=["16:1e-4", "256:1e-4"], help="images:lr[:feat,logit]")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--cal-size", type=int, default=16)
@@ -133,21 +141,25 @@ def main() -> None:
         recovery=RecoveryConfig(steps=0),
     )
     run_cascade(pruned, setup.calibration, cascade, None, "cpu", progress=False, precomputed=scored[(args.method, 0)])
-    for images, lr in args.arms:
+    teachers: dict[int, tuple[list[dict], TeacherOutputs, float]] = {}  # arms with the same images share one
+    for images, lr, loss in args.arms:
         arm_start = time.perf_counter()
-        samples = training_samples(setup, images)
-        teacher = TeacherOutputs(medsam, cache=True).precompute(samples, "cpu")
-        teacher_seconds = time.perf_counter() - arm_start
-        model, curve = _recovery_curve(pruned, teacher, samples, lr, args.steps, args.every, val)
-        row = {"arm": f"{len(samples)} images, lr {lr:g}", "images": len(samples), "lr": lr, **model_cost(model)}
-        row |= {"curve": curve, "teacher_seconds": teacher_seconds, "seconds": time.perf_counter() - arm_start}
+        if images not in teachers:
+            samples = training_samples(setup, images)
+            teachers[images] = (samples, TeacherOutputs(medsam, cache=True).precompute(samples, "cpu"), 0.0)
+            teachers[images] = (*teachers[images][:2], time.perf_counter() - arm_start)
+        samples, teacher, teacher_seconds = teachers[images]
+        model, curve = _recovery_curve(pruned, teacher, samples, lr, loss, args.steps, args.every, val)
+        label = f"{len(samples)} images, lr {lr:g}, feature {loss.feature:g}, logit {loss.logit:g}"
+        row = {"arm": label, "images": len(samples), "lr": lr, "feature_weight": loss.feature}
+        row |= {"logit_weight": loss.logit, **model_cost(model), "curve": curve, "teacher_seconds": teacher_seconds}
+        row["seconds"] = time.perf_counter() - arm_start
         add(row | evaluate_summary(model, setup.test_samples, "cpu", per_image=True))
-        del teacher
-    dense, arms = rows[0], rows[1:]
-    for row in arms:
+    dense, first, *others = rows
+    for row in [first, *others]:
         row["vs_dense"] = {m: paired_bootstrap(row["per_image"][m], dense["per_image"][m]) for m in METRICS}
-    for a, b in zip(arms, arms[1:]):
-        b[f"vs {a['arm']}"] = {m: paired_bootstrap(b["per_image"][m], a["per_image"][m]) for m in METRICS}
+    for row in others:
+        row["vs_first_arm"] = {m: paired_bootstrap(row["per_image"][m], first["per_image"][m]) for m in METRICS}
     write_results(args.out, rows, "cpu", args.threads, start, complete=True, **facts)
 
 
