@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from common import dataset_setup, evaluate, paired_bootstrap, training_samples, 
 from medcore_monai.cascade import recover, run_cascade
 from medcore_monai.engines.measure import model_cost
 from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs
+from medcore_monai.losses.recovery import RecoveryLossWeights
 from medcore_monai.networks import MedSAM
 from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 
@@ -115,6 +117,8 @@ def main() -> None:
     parser.add_argument("--cal-size", type=int, default=128)
     parser.add_argument("--recovery-steps", type=int, default=100, help="steps after each cascade step")
     parser.add_argument("--recovery-lr", type=float, default=1e-5)
+    parser.add_argument("--feature-weight", type=float, default=None, help="feature distillation weight (default 0.5)")
+    parser.add_argument("--logit-weight", type=float, default=None, help="logit distillation weight (default 2)")
     parser.add_argument(
         "--recovery-images",
         type=int,
@@ -140,7 +144,13 @@ def main() -> None:
         args.data_root, args.medsam, args.sam, args.cal_size, args.max_test, device, name=args.dataset_name
     )
     medsam, reference, calibration = setup.medsam, setup.reference, setup.calibration
-    recovery = RecoveryConfig(steps=args.recovery_steps, lr=args.recovery_lr, seed=42)
+    loss = RecoveryLossWeights()
+    loss = dataclasses.replace(
+        loss,
+        feature=loss.feature if args.feature_weight is None else args.feature_weight,
+        logit=loss.logit if args.logit_weight is None else args.logit_weight,
+    )
+    recovery = RecoveryConfig(steps=args.recovery_steps, lr=args.recovery_lr, seed=42, loss=loss)
     pooled = [s for group in calibration.values() for s in group]
     recovery_samples = training_samples(setup, args.recovery_images) if args.recovery_images else pooled
 
@@ -152,6 +162,7 @@ def main() -> None:
         "test_volumes": len(volumes[: args.max_test]) if setup.volumes else None,
         "calibration_images": sum(len(v) for v in calibration.values()),
         "recovery_images": len(recovery_samples),
+        "recovery_loss_weights": dataclasses.asdict(loss),
     }
     rows: list[dict] = []
 
