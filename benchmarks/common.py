@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import platform
@@ -87,6 +88,32 @@ def training_samples(setup: DatasetSetup, count: int) -> list[dict[str, Any]]:
     items = setup.data.split(setup.name, "train")[:count]
     samples = preprocess_split(items, model.img_size, 0, SEED, lowres_size=model.low_res_size)
     return [dict(samples[i]) | {"name": f"{setup.name}/{samples[i]['name']}"} for i in range(len(samples))]
+
+
+def pruned_without_recovery(setup: DatasetSetup, method: str, budget: str) -> tuple[str, MedSAM]:
+    """``(label, model)``: a copy of the setup's model pruned by both cascade steps with no recovery in between.
+
+    ``budget`` is one ``label=spec`` of :mod:`budgets`; block budgets come from the setup's calibration.
+    """
+    from budgets import parse_labelled_budgets
+
+    from medcore_monai.cascade import run_cascade
+    from medcore_monai.engines.recovery import RecoveryConfig
+    from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
+
+    (label, (heads, mlp, mbconv)), *_ = parse_labelled_budgets([budget]).items()
+    medsam = setup.medsam
+    scored = score_model_methods(medsam, setup.calibration, [(method, 0)], CascadeConfig(), None, "cpu", False)
+    pruned = copy.deepcopy(medsam)
+    cascade = CascadeConfig(
+        head_sparsity=heads,
+        mlp_sparsity=mlp,
+        mbconv_sparsity=mbconv,
+        score=method,
+        recovery=RecoveryConfig(steps=0),
+    )
+    run_cascade(pruned, setup.calibration, cascade, None, "cpu", progress=False, precomputed=scored[(method, 0)])
+    return label, pruned
 
 
 def evaluate_summary(model, samples, device, per_image: bool = False) -> dict:

@@ -25,10 +25,18 @@ import time
 
 import torch
 from budgets import parse_labelled_budgets
-from common import SEED, dataset_setup, evaluate_summary, paired_bootstrap, training_samples, write_results
+from common import (
+    SEED,
+    dataset_setup,
+    evaluate_summary,
+    paired_bootstrap,
+    pruned_without_recovery,
+    training_samples,
+    write_results,
+)
 from ignite.engine import Events
 
-from medcore_monai.cascade import adamw_factory, run_cascade
+from medcore_monai.cascade import adamw_factory
 from medcore_monai.engines.measure import model_cost
 from medcore_monai.engines.recovery import (
     RecoveryConfig,
@@ -38,7 +46,6 @@ from medcore_monai.engines.recovery import (
     recovery_loader,
 )
 from medcore_monai.losses.recovery import RecoveryLossWeights
-from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 from medcore_monai.transforms.samples import preprocess_split
 
 METRICS = ("dice", "bf1", "hd95")
@@ -113,7 +120,7 @@ def main() -> None:
     medsam = setup.medsam
     val_items = setup.data.split(setup.name, "val")[: args.val_images]
     val = preprocess_split(val_items, medsam.img_size, 5, SEED, lowres_size=medsam.low_res_size)
-    (label, (heads, mlp, mbconv)), *_ = parse_labelled_budgets([args.budget]).items()
+    (label, _), *_ = parse_labelled_budgets([args.budget]).items()
     facts = {"method": args.method, "budget": label, "steps": args.steps, "validation_images": len(val)}
     facts |= {"test_images": len(setup.test_items), "calibration_images": args.cal_size}
     rows: list[dict] = []
@@ -131,27 +138,18 @@ def main() -> None:
             **evaluate_summary(medsam, setup.test_samples, "cpu", per_image=True),
         }
     )
-    scored = score_model_methods(medsam, setup.calibration, [(args.method, 0)], CascadeConfig(), None, "cpu", False)
-    pruned = copy.deepcopy(medsam)
-    cascade = CascadeConfig(
-        head_sparsity=heads,
-        mlp_sparsity=mlp,
-        mbconv_sparsity=mbconv,
-        score=args.method,
-        recovery=RecoveryConfig(steps=0),
-    )
-    run_cascade(pruned, setup.calibration, cascade, None, "cpu", progress=False, precomputed=scored[(args.method, 0)])
+    _, pruned = pruned_without_recovery(setup, args.method, args.budget)
     teachers: dict[int, tuple[list[dict], TeacherOutputs, float]] = {}  # arms with the same images share one
     for images, lr, loss in args.arms:
         arm_start = time.perf_counter()
         if images not in teachers:
             samples = training_samples(setup, images)
-            teachers[images] = (samples, TeacherOutputs(medsam, cache=True).precompute(samples, "cpu"), 0.0)
-            teachers[images] = (*teachers[images][:2], time.perf_counter() - arm_start)
+            teacher = TeacherOutputs(medsam, cache=True).precompute(samples, "cpu")
+            teachers[images] = (samples, teacher, time.perf_counter() - arm_start)
         samples, teacher, teacher_seconds = teachers[images]
         model, curve = _recovery_curve(pruned, teacher, samples, lr, loss, args.steps, args.every, val)
-        label = f"{len(samples)} images, lr {lr:g}, feature {loss.feature:g}, logit {loss.logit:g}"
-        row = {"arm": label, "images": len(samples), "lr": lr, "feature_weight": loss.feature}
+        arm = f"{len(samples)} images, lr {lr:g}, feature {loss.feature:g}, logit {loss.logit:g}"
+        row = {"arm": arm, "images": len(samples), "lr": lr, "feature_weight": loss.feature}
         row |= {"logit_weight": loss.logit, **model_cost(model), "curve": curve, "teacher_seconds": teacher_seconds}
         row["seconds"] = time.perf_counter() - arm_start
         add(row | evaluate_summary(model, setup.test_samples, "cpu", per_image=True))

@@ -13,20 +13,15 @@ unweighted and multiplied by its default weight, to show which terms a recovery 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import time
 
 import numpy as np
 import torch
-from budgets import parse_labelled_budgets
-from common import dataset_setup, write_results
+from common import dataset_setup, pruned_without_recovery, write_results
 
-from medcore_monai.cascade import run_cascade
 from medcore_monai.engines.common import plain_tensor
-from medcore_monai.engines.recovery import RecoveryConfig
 from medcore_monai.losses.recovery import RecoveryLossWeights, recovery_loss
-from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 
 TERMS = ("seg", "boundary", "feature", "logit", "frequency")
 
@@ -62,17 +57,7 @@ def main() -> None:
     start = time.perf_counter()
     setup = dataset_setup(args.data_root, args.medsam, None, args.cal_size, 1, "cpu")
     dense = setup.medsam.eval()
-    (label, (heads, mlp, mbconv)), *_ = parse_labelled_budgets([args.budget]).items()
-    scored = score_model_methods(dense, setup.calibration, [(args.method, 0)], CascadeConfig(), None, "cpu", False)
-    pruned = copy.deepcopy(dense)
-    cascade = CascadeConfig(
-        head_sparsity=heads,
-        mlp_sparsity=mlp,
-        mbconv_sparsity=mbconv,
-        score=args.method,
-        recovery=RecoveryConfig(steps=0),
-    )
-    run_cascade(pruned, setup.calibration, cascade, None, "cpu", progress=False, precomputed=scored[(args.method, 0)])
+    label, pruned = pruned_without_recovery(setup, args.method, args.budget)
     pruned.eval()
     samples = [s for group in setup.calibration.values() for s in group]
     per_image = [_terms(pruned, dense, s) for s in samples]
