@@ -271,14 +271,19 @@ def check_inputs(files: Mapping[str, str | None], data_roots: Any = None, proble
 
 
 def check_prune_inputs(
-    medsam_ckpt: str | None, sam_ckpt: str | None, score: str, data_roots: Any, mbconv_sparsity: float = 0.0
+    medsam_ckpt: str | None,
+    sam_ckpt: str | None,
+    score: str,
+    data_roots: Any,
+    mbconv_sparsity: float = 0.0,
+    recovery_images: Any = None,
 ) -> None:
     """:func:`check_inputs` for a pruning run: the scores ``dual`` and ``reset`` need a parent (``sam_ckpt``).
 
     The parent is the general-domain model the medical one was fine-tuned from, with the same architecture (the
     reset intervention compares them parameter by parameter). Without one (no parent of LiteMedSAM is available
     offline) the MedCore score is ``zero`` with boundary-aware Fisher. ``mbconv_sparsity`` needs a model with
-    MBConv blocks (LiteMedSAM's TinyViT).
+    MBConv blocks (LiteMedSAM's TinyViT); ``recovery_images`` is null or a positive number of training images.
     """
     needs_sam = score in ("dual", "reset")
     problem = (
@@ -292,7 +297,19 @@ def check_prune_inputs(
         problems += architecture_problems(medsam_ckpt, sam_ckpt)
     if mbconv_sparsity and medsam_ckpt and not input_problems({"medsam_ckpt": medsam_ckpt}):
         problems += mbconv_problems(medsam_ckpt, mbconv_sparsity)
+    problems += recovery_images_problems(recovery_images)
     check_inputs(files, data_roots, problems)
+
+
+def recovery_images_problems(recovery_images: Any) -> list[str]:
+    """Why ``recovery_images`` is not null or a positive whole number of training images per dataset, if it isn't."""
+    whole = isinstance(recovery_images, int) and not isinstance(recovery_images, bool)
+    if recovery_images is None or (whole and recovery_images >= 1):
+        return []
+    return [
+        f"recovery_images must be null (recover on the calibration images) or a positive number of training images "
+        f"per dataset, got {recovery_images!r}"
+    ]
 
 
 def mbconv_problems(medsam_ckpt: str, mbconv_sparsity: float) -> list[str]:

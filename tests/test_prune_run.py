@@ -123,6 +123,9 @@ def test_prune_run_fails_early_with_every_problem_listed(checkpoints, tmp_path):
         run_prune(**_settings(checkpoints, [tmp_path], tmp_path / "o", head_sparsty=0.2))
     with pytest.raises(ValueError, match="medsam_ckpt not found"):
         run_prune(**_settings(checkpoints, [tmp_path], tmp_path / "o", medsam_ckpt=str(tmp_path / "none.pth")))
+    for bad in (0, -3, 2.5, "all"):
+        with pytest.raises(ValueError, match=f"recovery_images must be null .* got {bad!r}"):
+            run_prune(**_settings(checkpoints, [tmp_path], tmp_path / "o", recovery_images=bad))
 
 
 @pytest.mark.integration
