@@ -151,3 +151,33 @@ def test_torchrun_train_with_the_multi_gpu_overlay(tmp_path):
         "--device", "cpu", "--epochs", "1", "--batch_size", "2",
     )  # fmt: skip
     assert load_sam(tmp_path / "models" / "model.pt") is not None  # written once, by rank 0
+
+
+_EXIT_SCRIPT = """
+import sys
+import torch
+from medcore_monai.engines.distributed import initialise_from_environment, shut_down
+# a long switch interval keeps the GIL with the main thread up to its exit, widening the race this guards
+sys.setswitchinterval(5.0)
+initialise_from_environment()
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 2))
+model(torch.rand(4, 8)).sum().backward()
+# collectives still in flight when the final barrier starts: their tensors are freed after it
+for _ in range(16):
+    torch.distributed.all_reduce(torch.ones(3), async_op=True)
+shut_down()
+"""
+
+
+@pytest.mark.slow
+def test_processes_exit_cleanly_after_shut_down(tmp_path):
+    """No gloo worker may free tensors while Python exits ("terminate called without an active exception").
+
+    With a plain barrier and ``destroy_process_group`` in place of ``shut_down``, this launch aborted in each
+    of three tries here (and the bundle's two-process training about one run in eight).
+    """
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "29523"]
+    result = subprocess.run([*command, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

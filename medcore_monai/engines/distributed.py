@@ -25,11 +25,15 @@ __all__ = [
     "process_device",
     "distributed_loader",
     "is_main_process",
+    "shut_down",
     "synchronise",
     "world_size",
 ]
 
 logger = logging.getLogger(__name__)
+
+# The last barrier of each shut_down(), alive until the interpreter exits (see shut_down for why).
+_final_barriers: list[Any] = []
 
 
 def initialise_from_environment() -> bool:
@@ -74,6 +78,31 @@ def synchronise() -> None:
     """Wait for every process (no-op when not distributed)."""
     if world_size() > 1:
         idist.barrier()
+
+
+def shut_down() -> None:
+    """Wait for every process, then leave the process group so that the interpreter can exit safely.
+
+    The bundles call this in ``finalize`` under ``torchrun``; a no-op without a process group. The handle of
+    the final barrier is kept alive on purpose until the interpreter exits. gloo's worker threads outlive
+    ``destroy_process_group`` (DDP keeps the group), and a barrier holds the collectives still in flight
+    when it started; if a worker dropped the last reference to one after the main thread had begun to
+    finalise Python, freeing its tensors would need the GIL and the process would abort ("terminate called
+    without an active exception", a 1-in-8 flaky failure of the two-process training test). Held here, the
+    barrier and what it holds are freed by the main thread at exit instead.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    barrier = dist.barrier(async_op=True)
+    if barrier is not None:
+        barrier.wait()
+        _final_barriers.append(barrier)
+    if idist.model_name() == "native-dist":
+        idist.finalize()  # destroys the group and lets idist report a single process again
+    else:
+        dist.destroy_process_group()
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
