@@ -7,11 +7,12 @@ Usage::
         --val-images 48 --test-images 100 --threads 2 --out docs/benchmarks_recovery_curve.json
 
 The model is pruned once (both cascade steps, no recovery in between, block budgets from the usual 16-image
-calibration), then each arm recovers a copy of it with the recovery trainer the cascade uses (AdamW, batch 1,
-images drawn by boundary complexity, the dense model's cached outputs as teacher) on the first ``N`` images of the
-training split of the standard seed-42 split (``N`` = the calibration size is the cascade's own recovery set: the
-calibration images are the first ones of the training split). Quality is measured on validation images every
-``--every`` steps (this selects a design, so never on the test split) and, for the final models, on the test
+calibration), then each arm recovers a copy of it with the recovery trainer the cascade uses (AdamW; batch 1 and a
+constant learning rate unless the arm sets ``batch=B`` or ``schedule=cosine``; images drawn by boundary complexity;
+the dense model's cached outputs as teacher) on the first ``N`` images of the training split of the standard seed-42
+split (``N`` = the calibration size is the cascade's own recovery set: the calibration images are the first ones of
+the training split). Quality is measured on validation images every ``--every`` steps (this selects a design, so
+never on the test split) and, for the final models, on the test
 split with per-image paired differences against the dense model and between the arms.
 """
 
@@ -21,10 +22,10 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import time
 
 import torch
-from budgets import parse_labelled_budgets
 from common import (
     SEED,
     dataset_setup,
@@ -49,36 +50,77 @@ from medcore_monai.losses.recovery import RecoveryLossWeights
 from medcore_monai.transforms.samples import preprocess_split
 
 METRICS = ("dice", "bf1", "hd95")
+SCHEDULES = ("constant", "cosine")
 
 
-def _arm(value: str) -> tuple[int, float, RecoveryLossWeights]:
-    """``images:lr`` or ``images:lr:feature,logit`` (the feature and logit distillation weights)."""
-    images, lr, *weights = value.split(":")
-    loss = RecoveryLossWeights()
-    if weights:
-        feature, logit = (float(w) for w in weights[0].split(","))
-        loss = dataclasses.replace(loss, feature=feature, logit=logit)
-    return int(images), float(lr), loss
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One recovery recipe: images, peak learning rate, loss weights, batch size and learning-rate schedule."""
+
+    images: int
+    lr: float
+    loss: RecoveryLossWeights
+    batch: int = 1
+    schedule: str = "constant"
+
+    @property
+    def name(self) -> str:
+        extra = "" if self.batch == 1 and self.schedule == "constant" else f", batch {self.batch}, {self.schedule}"
+        return f"{self.images} images, lr {self.lr:g}, feature {self.loss.feature:g}, logit {self.loss.logit:g}{extra}"
+
+
+def _arm(value: str) -> Arm:
+    """``images:lr[:feature,logit][:batch=B][:schedule=constant|cosine]``."""
+    images, lr, *rest = value.split(":")
+    loss, options = RecoveryLossWeights(), {}
+    for field in rest:
+        if "=" in field:
+            key, option = field.split("=", 1)
+            if key not in ("batch", "schedule"):
+                raise argparse.ArgumentTypeError(f"unknown arm option {key!r} in {value!r}")
+            options[key] = int(option) if key == "batch" else option
+        else:
+            feature, logit = (float(w) for w in field.split(","))
+            loss = dataclasses.replace(loss, feature=feature, logit=logit)
+    if options.get("schedule", "constant") not in SCHEDULES:
+        raise argparse.ArgumentTypeError(f"schedule must be one of {SCHEDULES}: {value!r}")
+    return Arm(int(images), float(lr), loss, **options)
+
+
+def _schedule(optimizer, name: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Constant, or cosine decay from the peak to zero over ``steps`` after a 5 % linear warm-up."""
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _summary(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "per_image"}
 
 
-def _recovery_curve(pruned, teacher, samples, lr, loss, steps: int, every: int, val) -> tuple[object, list[dict]]:
-    """Recover a copy of ``pruned`` for ``steps`` steps, scoring it on ``val`` every ``every`` steps."""
+def _recovery_curve(pruned, teacher, samples, arm: Arm, steps: int, every: int, val) -> tuple[object, list[dict]]:
+    """Recover a copy of ``pruned`` for ``steps`` steps of ``arm``, scoring it on ``val`` every ``every`` steps."""
     model = copy.deepcopy(pruned)
-    config = RecoveryConfig(steps=steps, lr=lr, seed=SEED)
+    config = RecoveryConfig(steps=steps, lr=arm.lr, seed=SEED, batch_size=arm.batch)
     trainer = RecoveryTrainer(
         device="cpu",
         max_epochs=1,
-        train_data_loader=recovery_loader(samples, steps, 1, SEED),
+        train_data_loader=recovery_loader(samples, steps, arm.batch, SEED),
         network=model,
         optimizer=adamw_factory(config),
         teacher=teacher,
-        loss_weights=loss,
+        loss_weights=arm.loss,
         epoch_length=steps,
     )
+    scheduler = _schedule(trainer.optimizer, arm.schedule, steps)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
     curve = [{"step": 0, **evaluate_summary(model, val, "cpu")}]
     clock = {"start": time.perf_counter(), "evaluating": 0.0}
 
@@ -105,7 +147,8 @@ def main() -> None:
     parser.add_argument("--medsam", required=True)
     parser.add_argument("--method", default="magnitude")
     parser.add_argument("--budget", default="-49% FLOPs=0.67", help="label=sparsity or label=heads,mlp[,mbconv]")
-    parser.add_argument("--arms", nargs="+", type=_arm, default=["16:1e-4", "256:1e-4"], help="images:lr[:feat,logit]")
+    arm_help = "images:lr[:feature,logit][:batch=B][:schedule=cosine]"
+    parser.add_argument("--arms", nargs="+", type=_arm, default=["16:1e-4", "256:1e-4"], help=arm_help)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--cal-size", type=int, default=16)
@@ -120,7 +163,7 @@ def main() -> None:
     medsam = setup.medsam
     val_items = setup.data.split(setup.name, "val")[: args.val_images]
     val = preprocess_split(val_items, medsam.img_size, 5, SEED, lowres_size=medsam.low_res_size)
-    (label, _), *_ = parse_labelled_budgets([args.budget]).items()
+    label, pruned = pruned_without_recovery(setup, args.method, args.budget)
     facts = {"method": args.method, "budget": label, "steps": args.steps, "validation_images": len(val)}
     facts |= {"test_images": len(setup.test_items), "calibration_images": args.cal_size}
     rows: list[dict] = []
@@ -138,19 +181,18 @@ def main() -> None:
             **evaluate_summary(medsam, setup.test_samples, "cpu", per_image=True),
         }
     )
-    _, pruned = pruned_without_recovery(setup, args.method, args.budget)
     teachers: dict[int, tuple[list[dict], TeacherOutputs, float]] = {}  # arms with the same images share one
-    for images, lr, loss in args.arms:
+    for arm in args.arms:
         arm_start = time.perf_counter()
-        if images not in teachers:
-            samples = training_samples(setup, images)
+        if arm.images not in teachers:
+            samples = training_samples(setup, arm.images)
             teacher = TeacherOutputs(medsam, cache=True).precompute(samples, "cpu")
-            teachers[images] = (samples, teacher, time.perf_counter() - arm_start)
-        samples, teacher, teacher_seconds = teachers[images]
-        model, curve = _recovery_curve(pruned, teacher, samples, lr, loss, args.steps, args.every, val)
-        arm = f"{len(samples)} images, lr {lr:g}, feature {loss.feature:g}, logit {loss.logit:g}"
-        row = {"arm": arm, "images": len(samples), "lr": lr, "feature_weight": loss.feature}
-        row |= {"logit_weight": loss.logit, **model_cost(model), "curve": curve, "teacher_seconds": teacher_seconds}
+            teachers[arm.images] = (samples, teacher, time.perf_counter() - arm_start)
+        samples, teacher, teacher_seconds = teachers[arm.images]
+        model, curve = _recovery_curve(pruned, teacher, samples, arm, args.steps, args.every, val)
+        row = {"arm": arm.name, "images": len(samples), "lr": arm.lr, "feature_weight": arm.loss.feature}
+        row |= {"logit_weight": arm.loss.logit, "batch": arm.batch, "schedule": arm.schedule}
+        row |= {**model_cost(model), "curve": curve, "teacher_seconds": teacher_seconds}
         row["seconds"] = time.perf_counter() - arm_start
         add(row | evaluate_summary(model, setup.test_samples, "cpu", per_image=True))
     dense, first, *others = rows
