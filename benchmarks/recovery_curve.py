@@ -22,7 +22,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import time
 
 import torch
@@ -46,11 +45,12 @@ from medcore_monai.engines.recovery import (
     freeze_for_recovery,
     recovery_loader,
 )
+from medcore_monai.handlers import StageLrSchedule
 from medcore_monai.losses.recovery import RecoveryLossWeights
+from medcore_monai.pruning import LR_SCHEDULES
 from medcore_monai.transforms.samples import preprocess_split
 
 METRICS = ("dice", "bf1", "hd95")
-SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,23 +82,9 @@ def _arm(value: str) -> Arm:
         else:
             feature, logit = (float(w) for w in field.split(","))
             loss = dataclasses.replace(loss, feature=feature, logit=logit)
-    if options.get("schedule", "constant") not in SCHEDULES:
-        raise argparse.ArgumentTypeError(f"schedule must be one of {SCHEDULES}: {value!r}")
+    if options.get("schedule", "constant") not in LR_SCHEDULES:
+        raise argparse.ArgumentTypeError(f"schedule must be one of {LR_SCHEDULES}: {value!r}")
     return Arm(int(images), float(lr), loss, **options)
-
-
-def _schedule(optimizer, name: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Constant, or cosine decay from the peak to zero over ``steps`` after a 5 % linear warm-up."""
-    warmup = max(1, steps // 20)
-
-    def factor(step: int) -> float:
-        if name == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _summary(row: dict) -> dict:
@@ -119,8 +105,7 @@ def _recovery_curve(pruned, teacher, samples, arm: Arm, steps: int, every: int, 
         loss_weights=arm.loss,
         epoch_length=steps,
     )
-    scheduler = _schedule(trainer.optimizer, arm.schedule, steps)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
+    StageLrSchedule(arm.schedule).attach(trainer)
     curve = [{"step": 0, **evaluate_summary(model, val, "cpu")}]
     clock = {"start": time.perf_counter(), "evaluating": 0.0}
 

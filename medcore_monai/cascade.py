@@ -20,6 +20,7 @@ from torch import nn
 from .engines.recovery import RecoveryTrainer, TeacherOutputs, recovery_loader
 from .handlers.checkpointing import TrainingCheckpoint
 from .handlers.pruning import PruningHandler
+from .handlers.training import StageLrSchedule
 from .networks.structure import StructuredMasks
 from .pruning.budget import BudgetReport
 from .pruning.cascade import CascadeConfig, CascadeResult, RecoveryConfig
@@ -67,6 +68,7 @@ def _recovery_trainer(
     """A recovery trainer of ``stages`` epochs, resumable from ``checkpoint_dir`` when given."""
     every = max(1, config.steps // 4)
     resume = [TrainingCheckpoint(checkpoint_dir, every_iterations=every)] if checkpoint_dir is not None else []
+    schedule = [] if config.lr_schedule == "constant" else [StageLrSchedule(config.lr_schedule)]
     return RecoveryTrainer(
         device=device,
         max_epochs=stages,
@@ -77,7 +79,7 @@ def _recovery_trainer(
         loss_weights=config.loss,
         epoch_length=max(1, config.steps),
         amp=config.amp,
-        train_handlers=[*resume, *handlers],
+        train_handlers=[*resume, *schedule, *handlers],
         skip_updates=config.steps == 0,
     )
 

@@ -110,7 +110,7 @@ def test_recovery_trains_only_the_encoder_and_keeps_removed_groups_frozen(calibr
     assert all(p.requires_grad for p in model.parameters())  # the freezing is undone for later training
 
 
-def _recovery_run(calibration, folder, interrupt_at=None):
+def _recovery_run(calibration, folder, interrupt_at=None, schedule="constant"):
     model = _model()
     teacher = TeacherOutputs(model, cache=True).precompute(calibration["a"], "cpu")
     original = RecoveryTrainer._iteration
@@ -120,7 +120,7 @@ def _recovery_run(calibration, folder, interrupt_at=None):
             raise KeyboardInterrupt("killed")  # like SIGINT/SIGKILL between two iterations
         return original(self, engine, batch)
 
-    config = RecoveryConfig(steps=8, lr=1e-3, seed=5)
+    config = RecoveryConfig(steps=8, lr=1e-3, seed=5, lr_schedule=schedule)
     try:
         RecoveryTrainer._iteration = interrupted
         log = recover(model, teacher, calibration["a"], config, progress=False, checkpoint_dir=folder)
@@ -129,19 +129,29 @@ def _recovery_run(calibration, folder, interrupt_at=None):
     return model, log
 
 
-def test_recovery_is_reproducible_and_an_interrupted_run_resumes_bit_identically(calibration, tmp_path):
-    first, first_log = _recovery_run(calibration, tmp_path / "a")
-    second, second_log = _recovery_run(calibration, tmp_path / "b")
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_recovery_is_reproducible_and_an_interrupted_run_resumes_bit_identically(calibration, tmp_path, schedule):
+    first, first_log = _recovery_run(calibration, tmp_path / "a", schedule=schedule)
+    second, second_log = _recovery_run(calibration, tmp_path / "b", schedule=schedule)
     assert first_log["losses"] == second_log["losses"] and len(first_log["losses"]) == 8
     assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
 
     with pytest.raises(KeyboardInterrupt):
-        _recovery_run(calibration, tmp_path / "c", interrupt_at=7)  # the state was saved after iteration 6
+        _recovery_run(calibration, tmp_path / "c", interrupt_at=7, schedule=schedule)  # saved after iteration 6
     (tmp_path / "c" / ".checkpoint_latest.pt.abc123.pt").write_bytes(b"")  # a save killed half-way
-    resumed, resumed_log = _recovery_run(calibration, tmp_path / "c")
+    resumed, resumed_log = _recovery_run(calibration, tmp_path / "c", schedule=schedule)
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in first.state_dict().items())
     assert resumed_log["losses"] == first_log["losses"]  # the history before the interruption is kept
     assert not list((tmp_path / "c").glob(".checkpoint_latest.pt.*"))  # stale temporary removed
+
+
+def test_a_cosine_recovery_schedule_changes_only_the_step_sizes(calibration, tmp_path):
+    constant, constant_log = _recovery_run(calibration, tmp_path / "a")
+    cosine, cosine_log = _recovery_run(calibration, tmp_path / "b", schedule="cosine")
+    assert constant_log["losses"][0] == cosine_log["losses"][0]  # same model, same first image: same first loss
+    assert constant_log["losses"][3:] != cosine_log["losses"][3:]  # from the third step on, the steps shrink
+    weights = "image_encoder.blocks.0.attn.qkv.weight"
+    assert not torch.equal(constant.state_dict()[weights], cosine.state_dict()[weights])
 
 
 # ----------------------------------------------------------------------------------------------- cascade

@@ -176,3 +176,27 @@ def test_leverage_analysis_writes_blr95_and_leaves_model_unchanged(tmp_path):
     grid = result["grid"]["param_reduction_pct"]
     assert grid[0][0] < grid[1][0] and grid[0][0] < grid[0][1]
     assert (tmp_path / "leverage.json").is_file() and (tmp_path / "leverage_histogram.png").is_file()
+
+
+def test_prune_run_restarts_a_cosine_recovery_schedule_at_each_stage(checkpoints, png_dataset, tmp_path):
+    """``recovery_lr_schedule: cosine`` enables the bundle's ``StageLrSchedule`` handler on the rebuilt optimizers."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    from medcore_monai.bundle import BUNDLE_DIR
+    from medcore_monai.handlers.training import stage_lr_factor
+
+    settings = _settings(checkpoints, [png_dataset], tmp_path / "run", recovery_steps=4, recovery_lr=1e-3)
+    files = [str(BUNDLE_DIR / "configs" / name) for name in ("train.yaml", "prune.yaml")]
+    flow = ConfigWorkflow(
+        config_file=files, run_id="prune", workflow_type=None, bundle_root=str(BUNDLE_DIR),
+        recovery_lr_schedule="cosine", evaluate_stages=False, **settings,
+    )  # fmt: skip
+    flow.initialize()
+    trainer = flow.parser.get_parsed_content("train#trainer")
+    lrs: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: lrs.append(e.optimizer.param_groups[0]["lr"]))
+    flow.run()
+    flow.finalize()
+    stage = [1e-3 * stage_lr_factor("cosine", step, 4) for step in range(4)]
+    assert lrs == pytest.approx(stage + stage) and stage[-1] == pytest.approx(0.25e-3)

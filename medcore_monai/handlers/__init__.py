@@ -9,7 +9,7 @@ from medcore_monai.handlers.predictions import PredictionWriter
 from medcore_monai.handlers.prune_report import PruneReport
 from medcore_monai.handlers.pruning import PruningHandler, StageRecorder
 from medcore_monai.handlers.robustness import corruption_grid, corruption_sweep
-from medcore_monai.handlers.training import GradientClipping, bind_early_stopping
+from medcore_monai.handlers.training import GradientClipping, StageLrSchedule, bind_early_stopping
 
 __all__ = [
     "HD95",
@@ -21,6 +21,7 @@ __all__ = [
     "PredictionWriter",
     "PruneReport",
     "PruningHandler",
+    "StageLrSchedule",
     "StageRecorder",
     "TrainingCheckpoint",
     "attach_tensorboard",

@@ -10,7 +10,15 @@ from .budget import (
     plan_masks,
     select_removals,
 )
-from .cascade import CascadeConfig, CascadeResult, CascadeState, RecoveryConfig, score_model, score_model_methods
+from .cascade import (
+    LR_SCHEDULES,
+    CascadeConfig,
+    CascadeResult,
+    CascadeState,
+    RecoveryConfig,
+    score_model,
+    score_model_methods,
+)
 from .fisher import (
     FisherAccumulator,
     FisherCalibration,
@@ -35,6 +43,7 @@ __all__ = [
     "CascadeConfig",
     "CascadeResult",
     "CascadeState",
+    "LR_SCHEDULES",
     "RecoveryConfig",
     "score_model",
     "score_model_methods",

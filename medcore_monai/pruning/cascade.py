@@ -50,6 +50,7 @@ __all__ = [
     "CascadeConfig",
     "CascadeResult",
     "CascadeState",
+    "LR_SCHEDULES",
     "RecoveryConfig",
     "aligned_reference",
     "score_groups",
@@ -59,10 +60,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+LR_SCHEDULES = ("constant", "cosine")  # recovery learning rate within each stage (handlers.StageLrSchedule)
+
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    """Recovery hyper-parameters (MedCore defaults: 100 steps, AdamW lr 1e-5, no weight decay, batch 1)."""
+    """Recovery hyper-parameters (MedCore defaults: 100 steps, AdamW lr 1e-5, no weight decay, batch 1).
+
+    ``lr_schedule`` shapes the learning rate within each stage: ``constant`` (MedCore), or ``cosine`` (a 5 %
+    warm-up to ``lr``, then half a cosine down to zero).
+    """
 
     steps: int = 100
     lr: float = 1e-5
@@ -71,10 +78,13 @@ class RecoveryConfig:
     seed: int = 0
     amp: bool = False
     loss: RecoveryLossWeights = field(default_factory=RecoveryLossWeights)
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"invalid recovery config: steps {self.steps}, batch {self.batch_size}, lr {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
 
 @dataclass(frozen=True)
