@@ -36,16 +36,13 @@ from common import (
 )
 from ignite.engine import Events
 
-from medcore_monai.cascade import adamw_factory
+from medcore_monai.cascade import _recovery_trainer
 from medcore_monai.engines.measure import model_cost
 from medcore_monai.engines.recovery import (
     RecoveryConfig,
-    RecoveryTrainer,
     TeacherOutputs,
     freeze_for_recovery,
-    recovery_loader,
 )
-from medcore_monai.handlers import StageLrSchedule
 from medcore_monai.losses.recovery import RecoveryLossWeights
 from medcore_monai.pruning import LR_SCHEDULES
 from medcore_monai.transforms.samples import preprocess_split
@@ -94,18 +91,8 @@ def _summary(row: dict) -> dict:
 def _recovery_curve(pruned, teacher, samples, arm: Arm, steps: int, every: int, val) -> tuple[object, list[dict]]:
     """Recover a copy of ``pruned`` for ``steps`` steps of ``arm``, scoring it on ``val`` every ``every`` steps."""
     model = copy.deepcopy(pruned)
-    config = RecoveryConfig(steps=steps, lr=arm.lr, seed=SEED, batch_size=arm.batch)
-    trainer = RecoveryTrainer(
-        device="cpu",
-        max_epochs=1,
-        train_data_loader=recovery_loader(samples, steps, arm.batch, SEED),
-        network=model,
-        optimizer=adamw_factory(config),
-        teacher=teacher,
-        loss_weights=arm.loss,
-        epoch_length=steps,
-    )
-    StageLrSchedule(arm.schedule).attach(trainer)
+    config = RecoveryConfig(steps, arm.lr, seed=SEED, batch_size=arm.batch, loss=arm.loss, lr_schedule=arm.schedule)
+    trainer = _recovery_trainer(model, samples, config, teacher, "cpu", 1, None, [])  # the cascade's own trainer
     curve = [{"step": 0, **evaluate_summary(model, val, "cpu")}]
     clock = {"start": time.perf_counter(), "evaluating": 0.0}
 
