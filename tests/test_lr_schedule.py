@@ -28,7 +28,7 @@ def test_unknown_schedules_are_refused_where_they_are_named():
         StageLrSchedule("linear")
 
 
-def _engine_recording_lrs(epoch_length: int, rebuild: bool) -> tuple[Engine, list[float]]:
+def _engine_recording_lrs(rebuild: bool) -> tuple[Engine, list[float]]:
     def step(engine, _):
         engine.optimizer.step()
 
@@ -47,16 +47,16 @@ def _engine_recording_lrs(epoch_length: int, rebuild: bool) -> tuple[Engine, lis
 
 @pytest.mark.parametrize("rebuild", [False, True])
 def test_every_stage_restarts_the_schedule_on_the_current_optimizer(rebuild):
-    engine, lrs = _engine_recording_lrs(20, rebuild)
+    engine, lrs = _engine_recording_lrs(rebuild)
     engine.run(range(20), max_epochs=2)
     expected = [0.2 * stage_lr_factor("cosine", step, 20) for step in range(20)]
     assert lrs == pytest.approx(expected + expected)
 
 
 def test_a_resumed_run_continues_the_schedule_where_it_stopped():
-    engine, lrs = _engine_recording_lrs(20, rebuild=False)
+    engine, lrs = _engine_recording_lrs(rebuild=False)
     engine.run(range(20), max_epochs=2)
-    resumed, resumed_lrs = _engine_recording_lrs(20, rebuild=False)
+    resumed, resumed_lrs = _engine_recording_lrs(rebuild=False)
     # what a checkpoint restores: the iteration count and the optimizer's state with the peak rate kept
     resumed.optimizer.load_state_dict(engine.optimizer.state_dict())
     resumed.load_state_dict({"iteration": 27, "epoch_length": 20, "max_epochs": 2})
