@@ -43,7 +43,7 @@ from medcore_monai.cascade import recover, run_cascade
 from medcore_monai.engines.measure import model_cost
 from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs
 from medcore_monai.losses.recovery import RecoveryLossWeights
-from medcore_monai.networks import MedSAM
+from medcore_monai.networks import MedSAM, distillation_taps
 from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 
 METHODS = [("dual", 0), ("zero", 0), ("reset", 0), ("taylor", 0), ("magnitude", 0), ("random", 0), ("random", 1),
@@ -94,7 +94,8 @@ def _comparisons(rows: list[dict]) -> None:
 
 def _dense_with_recovery(medsam, samples, recovery: RecoveryConfig, device) -> MedSAM:
     model = copy.deepcopy(medsam)
-    teacher = TeacherOutputs(model, cache=True)
+    taps = distillation_taps(model.image_encoder) if recovery.loss.intermediate > 0 else ()
+    teacher = TeacherOutputs(model, cache=True, taps=taps)
     teacher.precompute(samples, device)
     for _ in ("heads", "mlp"):  # the same two recoveries the cascade runs
         recover(model, teacher, samples, recovery, device, progress=False)
@@ -119,6 +120,9 @@ def main() -> None:
     parser.add_argument("--recovery-lr", type=float, default=1e-5)
     parser.add_argument("--feature-weight", type=float, default=None, help="feature distillation weight (default 0.5)")
     parser.add_argument("--logit-weight", type=float, default=None, help="logit distillation weight (default 2)")
+    parser.add_argument(
+        "--intermediate-weight", type=float, default=0.0, help="distillation weight of the encoder's stage outputs"
+    )
     parser.add_argument(
         "--recovery-images",
         type=int,
@@ -149,6 +153,7 @@ def main() -> None:
         loss,
         feature=loss.feature if args.feature_weight is None else args.feature_weight,
         logit=loss.logit if args.logit_weight is None else args.logit_weight,
+        intermediate=args.intermediate_weight,
     )
     recovery = RecoveryConfig(steps=args.recovery_steps, lr=args.recovery_lr, seed=42, loss=loss)
     pooled = [s for group in calibration.values() for s in group]

@@ -44,6 +44,7 @@ from medcore_monai.engines.recovery import (
     freeze_for_recovery,
 )
 from medcore_monai.losses.recovery import RecoveryLossWeights
+from medcore_monai.networks import distillation_taps
 from medcore_monai.pruning import LR_SCHEDULES
 from medcore_monai.transforms.samples import preprocess_split
 
@@ -63,24 +64,27 @@ class Arm:
     @property
     def name(self) -> str:
         extra = "" if self.batch == 1 and self.schedule == "constant" else f", batch {self.batch}, {self.schedule}"
+        if self.loss.intermediate > 0:
+            extra += f", intermediate {self.loss.intermediate:g}"
         return f"{self.images} images, lr {self.lr:g}, feature {self.loss.feature:g}, logit {self.loss.logit:g}{extra}"
 
 
 def _arm(value: str) -> Arm:
-    """``images:lr[:feature,logit][:batch=B][:schedule=constant|cosine]``."""
+    """``images:lr[:feature,logit][:batch=B][:schedule=constant|cosine][:inter=W]``."""
     images, lr, *rest = value.split(":")
     loss, options = RecoveryLossWeights(), {}
     for field in rest:
         if "=" in field:
             key, option = field.split("=", 1)
-            if key not in ("batch", "schedule"):
+            if key not in ("batch", "schedule", "inter"):
                 raise argparse.ArgumentTypeError(f"unknown arm option {key!r} in {value!r}")
-            options[key] = int(option) if key == "batch" else option
+            options[key] = {"batch": int, "inter": float}.get(key, str)(option)
         else:
             feature, logit = (float(w) for w in field.split(","))
             loss = dataclasses.replace(loss, feature=feature, logit=logit)
     if options.get("schedule", "constant") not in LR_SCHEDULES:
         raise argparse.ArgumentTypeError(f"schedule must be one of {LR_SCHEDULES}: {value!r}")
+    loss = dataclasses.replace(loss, intermediate=options.pop("inter", 0.0))
     return Arm(int(images), float(lr), loss, **options)
 
 
@@ -119,7 +123,7 @@ def main() -> None:
     parser.add_argument("--medsam", required=True)
     parser.add_argument("--method", default="magnitude")
     parser.add_argument("--budget", default="-49% FLOPs=0.67", help="label=sparsity or label=heads,mlp[,mbconv]")
-    arm_help = "images:lr[:feature,logit][:batch=B][:schedule=cosine]"
+    arm_help = "images:lr[:feature,logit][:batch=B][:schedule=cosine][:inter=W]"
     parser.add_argument("--arms", nargs="+", type=_arm, default=["16:1e-4", "256:1e-4"], help=arm_help)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=100)
@@ -153,17 +157,21 @@ def main() -> None:
             **evaluate_summary(medsam, setup.test_samples, "cpu", per_image=True),
         }
     )
-    teachers: dict[int, tuple[list[dict], TeacherOutputs, float]] = {}  # arms with the same images share one
+    # arms with the same images share one teacher cache, with the encoder's taps when an arm distils them
+    teachers: dict[tuple[int, bool], tuple[list[dict], TeacherOutputs, float]] = {}
     for arm in args.arms:
         arm_start = time.perf_counter()
-        if arm.images not in teachers:
+        key = (arm.images, arm.loss.intermediate > 0)
+        if key not in teachers:
             samples = training_samples(setup, arm.images)
-            teacher = TeacherOutputs(medsam, cache=True).precompute(samples, "cpu")
-            teachers[arm.images] = (samples, teacher, time.perf_counter() - arm_start)
-        samples, teacher, teacher_seconds = teachers[arm.images]
+            taps = distillation_taps(medsam.image_encoder) if key[1] else ()
+            teacher = TeacherOutputs(medsam, cache=True, taps=taps).precompute(samples, "cpu")
+            teachers[key] = (samples, teacher, time.perf_counter() - arm_start)
+        samples, teacher, teacher_seconds = teachers[key]
         model, curve = _recovery_curve(pruned, teacher, samples, arm, args.steps, args.every, val)
         row = {"arm": arm.name, "images": len(samples), "lr": arm.lr, "feature_weight": arm.loss.feature}
-        row |= {"logit_weight": arm.loss.logit, "batch": arm.batch, "schedule": arm.schedule}
+        row |= {"logit_weight": arm.loss.logit, "intermediate_weight": arm.loss.intermediate}
+        row |= {"batch": arm.batch, "schedule": arm.schedule}
         row |= {**model_cost(model), "curve": curve, "teacher_seconds": teacher_seconds}
         row["seconds"] = time.perf_counter() - arm_start
         add(row | evaluate_summary(model, setup.test_samples, "cpu", per_image=True))

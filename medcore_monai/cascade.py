@@ -22,6 +22,7 @@ from .handlers.checkpointing import TrainingCheckpoint
 from .handlers.pruning import PruningHandler
 from .handlers.training import StageLrSchedule
 from .networks.structure import StructuredMasks
+from .networks.taps import distillation_taps
 from .pruning.budget import BudgetReport
 from .pruning.cascade import CascadeConfig, CascadeResult, RecoveryConfig
 
@@ -150,7 +151,8 @@ def run_cascade(
         raise ValueError("every calibration dataset needs at least one sample")
     recovery = config.recovery
     samples = list(recovery_samples) if recovery_samples is not None else pooled
-    teacher = TeacherOutputs(model, cache=config.teacher_cache).precompute(samples, device)
+    taps = distillation_taps(model.image_encoder) if recovery.loss.intermediate > 0 else ()
+    teacher = TeacherOutputs(model, cache=config.teacher_cache, taps=taps).precompute(samples, device)
     pruning = PruningHandler(config, calibration, reference_model, precomputed, progress, on_stage)
     folder = Path(output_dir) / "recovery" if output_dir else None
     trainer = _recovery_trainer(model, samples, recovery, teacher, device, 2, folder, [pruning])

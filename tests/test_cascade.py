@@ -79,8 +79,9 @@ def test_teacher_cache_matches_live_teacher(calibration):
     images = torch.stack([torch.as_tensor(s["image"]) for s in samples]).float()
     boxes = torch.stack([torch.as_tensor(s["box"]) for s in samples]).float()
     names = [s["name"] for s in samples]
-    emb_live, logits_live = live(names, images, boxes)
-    emb_cached, logits_cached = cached(names, images, boxes)
+    emb_live, logits_live, taps_live = live(names, images, boxes)
+    emb_cached, logits_cached, taps_cached = cached(names, images, boxes)
+    assert taps_live == taps_cached == ()  # none asked for
     assert torch.allclose(emb_live, emb_cached, atol=1e-5) and torch.allclose(logits_live, logits_cached, atol=1e-5)
     with pytest.raises(KeyError, match="no entry"):
         cached(["unknown"], images[:1], boxes[:1])

@@ -200,3 +200,26 @@ def test_prune_run_restarts_a_cosine_recovery_schedule_at_each_stage(checkpoints
     flow.finalize()
     stage = [1e-3 * stage_lr_factor("cosine", step, 4) for step in range(4)]
     assert lrs == pytest.approx(stage + stage) and stage[-1] == pytest.approx(0.25e-3)
+
+
+def test_prune_run_distils_the_encoder_taps_when_weighted(checkpoints, png_dataset, tmp_path):
+    """``intermediate_distill_weight > 0`` gives the bundle's teacher the encoder's taps and the loss their term."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    from medcore_monai.bundle import BUNDLE_DIR
+
+    settings = _settings(checkpoints, [png_dataset], tmp_path / "run", recovery_steps=2)
+    files = [str(BUNDLE_DIR / "configs" / name) for name in ("train.yaml", "prune.yaml")]
+    flow = ConfigWorkflow(
+        config_file=files, run_id="prune", workflow_type=None, bundle_root=str(BUNDLE_DIR),
+        intermediate_distill_weight=2.0, evaluate_stages=False, **settings,
+    )  # fmt: skip
+    flow.initialize()
+    assert flow.parser.get_parsed_content("teacher_taps") == ["blocks.2", "blocks.5"]  # the tiny ViT's global blocks
+    trainer = flow.parser.get_parsed_content("train#trainer")
+    terms: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: terms.append(e.state.output["loss_intermediate"]))
+    flow.run()
+    flow.finalize()
+    assert len(terms) == 4 and all(t > 0 for t in terms)

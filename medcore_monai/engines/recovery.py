@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import ignite.distributed as idist
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..losses.recovery import RecoveryLossWeights, boundary_complexity, recovery_loss
+from ..networks.taps import captured_outputs
 from ..pruning.cascade import RecoveryConfig
 from .common import plain_tensor, prepare_medsam_batch
 from .distributed import data_parallel
@@ -35,6 +36,7 @@ __all__ = [
     "RecoveryConfig",
     "RecoverySampler",
     "RecoveryTrainer",
+    "TeacherBatch",
     "TeacherOutputs",
     "freeze_for_recovery",
     "reestimate_batchnorm",
@@ -45,26 +47,43 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+class TeacherBatch(NamedTuple):
+    """The teacher's outputs for a batch: image embeddings, low-resolution logits and intermediate taps."""
+
+    embedding: torch.Tensor
+    logits: torch.Tensor
+    taps: tuple[torch.Tensor, ...] = ()
+
+
 class TeacherOutputs:
-    """Teacher image embeddings and logits for a batch.
+    """Teacher image embeddings, logits and (when ``taps`` are named) intermediate encoder outputs for a batch.
 
     With ``cache=True`` the outputs of every calibration sample are computed once (their boxes are tight, hence
-    fixed) and looked up by sample name, so recovery never runs the teacher again and the teacher model is freed.
-    Otherwise a frozen copy runs on the student's device.
+    fixed) and looked up by sample name, so recovery never runs the teacher again and the teacher model is freed;
+    intermediate outputs are cached in bfloat16 (they are large: about 10 MB per image for LiteMedSAM's four
+    stages). Otherwise a frozen copy runs on the student's device.
+
+    Args:
+        teacher: the dense model (a MedSAM).
+        cache: compute every sample's outputs once (:meth:`precompute`).
+        taps: module paths inside the image encoder whose outputs are also returned
+            (:func:`~medcore_monai.networks.taps.distillation_taps`); empty: none.
     """
 
-    def __init__(self, teacher: nn.Module, cache: bool = False) -> None:
+    def __init__(self, teacher: nn.Module, cache: bool = False, taps: Sequence[str] = ()) -> None:
         self.teacher = copy.deepcopy(getattr(teacher, "module", teacher)).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.cache = cache
-        self._store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.taps = tuple(taps)
+        self._store: dict[str, TeacherBatch] = {}
 
     @torch.no_grad()
-    def _run(self, images: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, images: torch.Tensor, boxes: torch.Tensor) -> TeacherBatch:
         device = next(self.teacher.parameters()).device
-        embedding = self.teacher.encode(images.to(device))
-        return embedding, self.teacher.decode(embedding, boxes.to(device))
+        with captured_outputs(self.teacher.image_encoder, self.taps) as taps:
+            embedding = self.teacher.encode(images.to(device))
+        return TeacherBatch(embedding, self.teacher.decode(embedding, boxes.to(device)), tuple(taps))
 
     @torch.no_grad()
     def precompute(self, samples: Sequence[Mapping[str, Any]], device: torch.device | str) -> TeacherOutputs:
@@ -75,22 +94,28 @@ class TeacherOutputs:
         for sample in samples:
             images = plain_tensor(sample["image"], device).float()[None]
             boxes = plain_tensor(sample["box"], device).float()[None]
-            emb, logits = self._run(images, boxes)
-            self._store[str(sample["name"])] = (emb[0], logits[0])
+            out = self._run(images, boxes)
+            taps = tuple(t[0].to(torch.bfloat16) for t in out.taps)
+            self._store[str(sample["name"])] = TeacherBatch(out.embedding[0], out.logits[0], taps)
         self.teacher = None  # outputs are all cached; free the copy
         return self
 
-    def __call__(self, names: Sequence[str], images: torch.Tensor, boxes: torch.Tensor):
-        """Embeddings and logits for a batch, from the cache or the teacher model."""
-        if self.cache:
-            try:
-                pairs = [self._store[str(n)] for n in names]
-            except KeyError as err:
-                raise KeyError(f"teacher cache has no entry for sample {err.args[0]!r}") from None
-            device = images.device
-            return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
-        self.teacher.to(images.device)
-        return self._run(images, boxes)
+    def __call__(self, names: Sequence[str], images: torch.Tensor, boxes: torch.Tensor) -> TeacherBatch:
+        """Embeddings, logits and taps for a batch, from the cache or the teacher model."""
+        if not self.cache:
+            self.teacher.to(images.device)
+            return self._run(images, boxes)
+        try:
+            entries = [self._store[str(n)] for n in names]
+        except KeyError as err:
+            raise KeyError(f"teacher cache has no entry for sample {err.args[0]!r}") from None
+        device = images.device
+        taps = tuple(torch.stack([e.taps[i] for e in entries]).to(device).float() for i in range(len(self.taps)))
+        return TeacherBatch(
+            torch.stack([e.embedding for e in entries]).to(device),
+            torch.stack([e.logits for e in entries]).to(device),
+            taps,
+        )
 
 
 def freeze_for_recovery(model: nn.Module) -> list[nn.Parameter]:
@@ -233,6 +258,11 @@ class RecoveryTrainer(SupervisedTrainer):
         # set before MONAI attaches the handlers: a resuming checkpoint handler restores them on attach
         self.teacher = teacher
         self.loss_weights = loss_weights or RecoveryLossWeights()
+        if self.loss_weights.intermediate > 0 and not teacher.taps:
+            raise ValueError(
+                "intermediate distillation (loss weight intermediate > 0) needs a teacher that records the encoder's "
+                "taps: TeacherOutputs(model, taps=distillation_taps(model.image_encoder))"
+            )
         self.losses: dict[int, list[float]] = {}
         self.skip_updates = skip_updates  # epochs only carry the handlers' stage events (pruning without recovery)
         kwargs.setdefault("prepare_batch", prepare_medsam_batch)
@@ -295,13 +325,24 @@ class RecoveryTrainer(SupervisedTrainer):
         device = engine.state.device
         images, target_low, (boxes,), _ = engine.prepare_batch(batchdata, device, engine.non_blocking)
         target_full = plain_tensor(batchdata["label"], device).float()
-        teacher_emb, teacher_logits = self.teacher(_names(batchdata), images, boxes)
+        teacher = self.teacher(_names(batchdata), images, boxes)
         engine.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=engine.amp and device.type == "cuda"):
+        with (
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=engine.amp and device.type == "cuda"),
+            captured_outputs(self.model.image_encoder, self.teacher.taps) as student_taps,
+        ):
             embedding, logits = engine.network(images, boxes, return_embeddings=True)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         terms = recovery_loss(
-            logits.float(), target_full, target_low, embedding.float(), teacher_emb, teacher_logits, self.loss_weights
+            logits.float(),
+            target_full,
+            target_low,
+            embedding.float(),
+            teacher.embedding,
+            teacher.logits,
+            self.loss_weights,
+            student_taps=[t.float() for t in student_taps],
+            teacher_taps=teacher.taps,
         )
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(f"non-finite recovery loss at iteration {engine.state.iteration}: {terms}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from .boundary import boundary_band
 
-__all__ = ["RecoveryLossWeights", "recovery_loss", "boundary_complexity"]
+__all__ = ["RecoveryLossWeights", "recovery_loss", "intermediate_gap", "boundary_complexity"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class RecoveryLossWeights:
         feature: lambda_2, image-embedding distillation (MSE to the teacher).
         logit: lambda_3, teacher-logit distillation on the boundary band.
         frequency: lambda_4, high-frequency spectrum matching of the prediction to the mask.
+        intermediate: distillation of the encoder's intermediate outputs (TinyViT stages, ViT global blocks;
+            :func:`medcore_monai.networks.taps.distillation_taps`), each MSE divided by the teacher output's
+            variance so the taps weigh alike; 0 (MedCore) leaves the teacher's intermediate outputs unused.
         boundary_pixel_weight: band pixels weigh ``1 + boundary_pixel_weight`` in the boundary BCE (4 in the reference).
         normalise_logit_by_band: average the logit term over band pixels (default) instead of over all pixels,
             so its weight does not shrink with object size as in the reference.
@@ -31,12 +35,13 @@ class RecoveryLossWeights:
     feature: float = 0.5
     logit: float = 2.0
     frequency: float = 0.5
+    intermediate: float = 0.0
     boundary_pixel_weight: float = 4.0
     normalise_logit_by_band: bool = True
     frequency_cutoff: float = 0.25
 
     def __post_init__(self) -> None:
-        for name in ("boundary", "feature", "logit", "frequency", "boundary_pixel_weight"):
+        for name in ("boundary", "feature", "logit", "frequency", "intermediate", "boundary_pixel_weight"):
             value = getattr(self, name)
             if not (value >= 0 and value == value and value != float("inf")):
                 raise ValueError(f"recovery weight {name} must be finite and >= 0, got {value}")
@@ -54,6 +59,19 @@ def _high_pass(height: int, width: int, cutoff: float, device: torch.device) -> 
     return (torch.sqrt(fy.square() + fx.square()) > cutoff).float()
 
 
+def intermediate_gap(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over taps of the MSE between student and teacher outputs, each relative to the teacher's variance."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"intermediate distillation needs matching taps, got {len(student)} and {len(teacher)}")
+    gaps = []
+    for s, t in zip(student, teacher):
+        t = t.to(s.dtype)
+        if s.shape != t.shape:
+            raise ValueError(f"student tap of shape {tuple(s.shape)} does not match the teacher's {tuple(t.shape)}")
+        gaps.append(F.mse_loss(s, t) / t.detach().var().clamp_min(1e-12))
+    return torch.stack(gaps).mean()
+
+
 def recovery_loss(
     logits: torch.Tensor,
     target_full: torch.Tensor,
@@ -62,6 +80,8 @@ def recovery_loss(
     teacher_embedding: torch.Tensor,
     teacher_logits: torch.Tensor,
     weights: RecoveryLossWeights = RecoveryLossWeights(),
+    student_taps: Sequence[torch.Tensor] = (),
+    teacher_taps: Sequence[torch.Tensor] = (),
 ) -> dict[str, torch.Tensor]:
     """All recovery terms and their weighted total (key ``loss``).
 
@@ -73,6 +93,8 @@ def recovery_loss(
         teacher_embedding: teacher image embedding (no grad).
         teacher_logits: teacher low-resolution logits (no grad).
         weights: term weights.
+        student_taps: the student encoder's intermediate outputs (needed when ``weights.intermediate > 0``).
+        teacher_taps: the teacher's outputs at the same taps (no grad).
     """
     target_full = target_full.to(logits.dtype)
     target_lowres = target_lowres.to(logits.dtype)
@@ -90,7 +112,11 @@ def recovery_loss(
     high = _high_pass(logits.shape[-2], logits.shape[-1], weights.frequency_cutoff, logits.device)
     freq = (spectrum_gap.abs() * high).mean()
     total = seg + weights.boundary * bd + weights.feature * feat + weights.logit * logit + weights.frequency * freq
-    return {"loss": total, "seg": seg, "boundary": bd, "feature": feat, "logit": logit, "frequency": freq}
+    terms = {"seg": seg, "boundary": bd, "feature": feat, "logit": logit, "frequency": freq}
+    if weights.intermediate > 0:
+        terms["intermediate"] = intermediate_gap(student_taps, teacher_taps)
+        total = total + weights.intermediate * terms["intermediate"]
+    return {"loss": total} | terms
 
 
 def boundary_complexity(mask_lowres: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 Modules depend on each other one way only::
 
-    config, checkpoint, conv_groups, sam_import, robust_decoder  (leaves)
+    config, checkpoint, conv_groups, sam_import, robust_decoder, taps  (leaves)
       <- structure     heads, MLP channels (and the MBConv channels of conv_groups): masks, slimming, FLOPs
       <- tiny_vit      LiteMedSAM's TinyViT image encoder; litemedsam: where its weights are
       <- manifest      architecture/width manifest, ModelManifest for checkpoint handlers
@@ -58,8 +58,11 @@ from .structure import (
     slim_block_,
     slim_encoder_,
 )
+from .taps import captured_outputs, distillation_taps
 
 __all__ = [
+    "captured_outputs",
+    "distillation_taps",
     "BlockStructure",
     "ConvBlockStructure",
     "FusionReport",
