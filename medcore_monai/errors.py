@@ -17,7 +17,7 @@ from typing import Any
 from .data.errors import DataError
 from .networks.checkpoint import CheckpointError
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "install_short_errors", "root_cause"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "install_short_errors", "root_cause", "user_error"]
 
 
 class ConfigError(ValueError):
@@ -31,6 +31,35 @@ def root_cause(error: BaseException) -> BaseException:
         if isinstance(cause, (ConfigError, DataError, CheckpointError)):
             return cause
         cause = cause.__cause__
+    return error
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _raised_in_project(error: BaseException) -> bool:
+    """Whether ``error`` was raised by this package's own code (its innermost frame is one of our files)."""
+    trace, last = error.__traceback__, None
+    while trace is not None:
+        trace, last = trace.tb_next, trace
+    return last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+
+
+def user_error(error: BaseException) -> BaseException:
+    """What to show a user: :func:`root_cause`, else a ``ValueError`` the package raised somewhere in the chain.
+
+    A setting the package's own classes refuse (``RecoveryConfig(lr_schedule="cosin")`` built by the bundle) raises
+    a ``ValueError`` whose message names the setting, which MONAI's instantiation wraps in ``RuntimeError``s. A
+    ``ValueError`` raised inside torch or MONAI is an internal failure and keeps its traceback.
+    """
+    cause = root_cause(error)
+    if cause is not error:
+        return cause
+    link: BaseException | None = error
+    while link is not None:
+        if isinstance(link, ValueError) and _raised_in_project(link):
+            return link
+        link = link.__cause__
     return error
 
 
@@ -56,7 +85,7 @@ def _wait_for_worker_threads(timeout: float = _WORKER_GRACE_S) -> None:
 
 
 def _short_excepthook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
-    cause = root_cause(error)
+    cause = user_error(error)
     if (cause is error and not isinstance(error, ValueError)) or os.environ.get("MEDCORE_DEBUG"):
         sys.__excepthook__(kind, error, trace)
         _wait_for_worker_threads()

@@ -236,6 +236,26 @@ def test_prune_overlay_has_every_monai_train_property_and_its_settings_reach_the
     assert optimizer([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 3e-4
 
 
+def test_a_value_the_package_refuses_is_shown_as_one_sentence(capsys):
+    from medcore_monai.errors import _short_excepthook, user_error
+
+    workflow = _workflow(["train.yaml", "prune.yaml"], recovery_lr_schedule="cosin")
+    workflow.initialize()
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps the RecoveryConfig's refusal
+        workflow.parser.get_parsed_content("cascade")
+    shown = user_error(caught.value)
+    assert isinstance(shown, ValueError) and "lr_schedule must be one of ('constant', 'cosine')" in str(shown)
+    _short_excepthook(type(caught.value), caught.value, caught.value.__traceback__)
+    assert capsys.readouterr().err.startswith("error: lr_schedule must be one of")
+    try:  # a ValueError raised inside torch is an internal failure: the wrapper stays, with its traceback
+        try:
+            torch.nn.functional.binary_cross_entropy(torch.zeros(2), torch.zeros(3))
+        except ValueError as inner:
+            raise RuntimeError("Failed to instantiate") from inner
+    except RuntimeError as wrapped:
+        assert isinstance(wrapped.__cause__, ValueError) and user_error(wrapped) is wrapped
+
+
 def test_a_misspelt_component_argument_fails_naming_it():
     workflow = _workflow(["train.yaml", "prune.yaml"], **{"cascade#min_keep_head": 2})
     workflow.initialize()
