@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from small_models import SMALL_TINYVIT
 
 from medcore_monai.cascade import recover, run_cascade
 from medcore_monai.demo import synthetic_items
@@ -14,7 +15,6 @@ from medcore_monai.losses.recovery import RecoveryLossWeights, intermediate_gap,
 from medcore_monai.networks import (
     MedSAM,
     StructuredMasks,
-    TinyViTConfig,
     build_sam,
     captured_outputs,
     distillation_taps,
@@ -24,15 +24,7 @@ from medcore_monai.networks import (
 from medcore_monai.pruning.cascade import CascadeConfig, RecoveryConfig
 from medcore_monai.transforms import medsam_preprocess
 
-TINYVIT = TinyViTConfig(
-    img_size=64,
-    embed_dims=(16, 32, 40, 80),
-    depths=(1, 2, 2, 1),
-    stage_heads=(1, 2, 2, 4),
-    window_sizes=(7, 7, 7, 7),
-    merge_strides=(2, 2, 1),
-    name="tinyvit_taps_test",
-)
+TINYVIT = SMALL_TINYVIT
 ONLY_INTERMEDIATE = RecoveryLossWeights(boundary=0.0, feature=0.0, logit=0.0, frequency=0.0, intermediate=10.0)
 
 

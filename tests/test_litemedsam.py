@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from small_models import SMALL_TINYVIT
 
 from medcore_monai.networks import (
     CheckpointError,
@@ -37,15 +38,7 @@ from medcore_monai.networks.prompt_channel import BoxChannelMedSAM
 STUBS = Path(__file__).resolve().parent / "stubs"
 # A TinyViT small enough for CPU unit tests, with LiteMedSAM's layout: MBConv stage, three attention stages,
 # windows that need padding (32 -> 35, 16 -> 21), a stride-1 merge before the last stage, head widths 16 and 20.
-SMALL = TinyViTConfig(
-    img_size=64,
-    embed_dims=(16, 32, 40, 80),
-    depths=(1, 2, 2, 1),
-    stage_heads=(1, 2, 2, 4),
-    window_sizes=(7, 7, 7, 7),
-    merge_strides=(2, 2, 1),
-    name="tinyvit_test",
-)
+SMALL = SMALL_TINYVIT
 
 
 def _real_weights() -> Path:
