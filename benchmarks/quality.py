@@ -41,9 +41,9 @@ from common import dataset_setup, evaluate, paired_bootstrap, training_samples, 
 
 from medcore_monai.cascade import recover, run_cascade
 from medcore_monai.engines.measure import model_cost
-from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs
+from medcore_monai.engines.recovery import RecoveryConfig, TeacherOutputs, recovery_taps
 from medcore_monai.losses.recovery import RecoveryLossWeights
-from medcore_monai.networks import MedSAM, distillation_taps
+from medcore_monai.networks import MedSAM
 from medcore_monai.pruning.cascade import CascadeConfig, score_model_methods
 
 METHODS = [("dual", 0), ("zero", 0), ("reset", 0), ("taylor", 0), ("magnitude", 0), ("random", 0), ("random", 1),
@@ -94,8 +94,7 @@ def _comparisons(rows: list[dict]) -> None:
 
 def _dense_with_recovery(medsam, samples, recovery: RecoveryConfig, device) -> MedSAM:
     model = copy.deepcopy(medsam)
-    taps = distillation_taps(model.image_encoder) if recovery.loss.intermediate > 0 else ()
-    teacher = TeacherOutputs(model, cache=True, taps=taps)
+    teacher = TeacherOutputs(model, cache=True, taps=recovery_taps(model, recovery.loss))
     teacher.precompute(samples, device)
     for _ in ("heads", "mlp"):  # the same two recoveries the cascade runs
         recover(model, teacher, samples, recovery, device, progress=False)

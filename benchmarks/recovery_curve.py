@@ -42,9 +42,9 @@ from medcore_monai.engines.recovery import (
     RecoveryConfig,
     TeacherOutputs,
     freeze_for_recovery,
+    recovery_taps,
 )
 from medcore_monai.losses.recovery import RecoveryLossWeights
-from medcore_monai.networks import distillation_taps
 from medcore_monai.pruning import LR_SCHEDULES
 from medcore_monai.transforms.samples import preprocess_split
 
@@ -158,13 +158,13 @@ def main() -> None:
         }
     )
     # arms with the same images share one teacher cache, with the encoder's taps when an arm distils them
-    teachers: dict[tuple[int, bool], tuple[list[dict], TeacherOutputs, float]] = {}
+    teachers: dict[tuple[int, tuple[str, ...]], tuple[list[dict], TeacherOutputs, float]] = {}
     for arm in args.arms:
         arm_start = time.perf_counter()
-        key = (arm.images, arm.loss.intermediate > 0)
+        taps = recovery_taps(medsam, arm.loss)
+        key = (arm.images, tuple(taps))
         if key not in teachers:
             samples = training_samples(setup, arm.images)
-            taps = distillation_taps(medsam.image_encoder) if key[1] else ()
             teacher = TeacherOutputs(medsam, cache=True, taps=taps).precompute(samples, "cpu")
             teachers[key] = (samples, teacher, time.perf_counter() - arm_start)
         samples, teacher, teacher_seconds = teachers[key]

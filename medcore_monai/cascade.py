@@ -17,12 +17,11 @@ import torch
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from .engines.recovery import RecoveryTrainer, TeacherOutputs, recovery_loader
+from .engines.recovery import RecoveryTrainer, TeacherOutputs, recovery_loader, recovery_taps
 from .handlers.checkpointing import TrainingCheckpoint
 from .handlers.pruning import PruningHandler
 from .handlers.training import StageLrSchedule
 from .networks.structure import StructuredMasks
-from .networks.taps import distillation_taps
 from .pruning.budget import BudgetReport
 from .pruning.cascade import CascadeConfig, CascadeResult, RecoveryConfig
 
@@ -151,7 +150,7 @@ def run_cascade(
         raise ValueError("every calibration dataset needs at least one sample")
     recovery = config.recovery
     samples = list(recovery_samples) if recovery_samples is not None else pooled
-    taps = distillation_taps(model.image_encoder) if recovery.loss.intermediate > 0 else ()
+    taps = recovery_taps(model, recovery.loss)
     teacher = TeacherOutputs(model, cache=config.teacher_cache, taps=taps).precompute(samples, device)
     pruning = PruningHandler(config, calibration, reference_model, precomputed, progress, on_stage)
     folder = Path(output_dir) / "recovery" if output_dir else None

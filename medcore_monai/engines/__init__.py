@@ -4,7 +4,13 @@ from medcore_monai.engines import distributed
 from medcore_monai.engines.common import plain_tensor, prepare_medsam_batch
 from medcore_monai.engines.measure import measure_latency, model_cost
 from medcore_monai.engines.parameters import prepared_for_training, trainable_parameters
-from medcore_monai.engines.recovery import RecoverySampler, RecoveryTrainer, TeacherOutputs, recovery_loader
+from medcore_monai.engines.recovery import (
+    RecoverySampler,
+    RecoveryTrainer,
+    TeacherOutputs,
+    recovery_loader,
+    recovery_taps,
+)
 
 __all__ = [
     "distributed",
@@ -17,5 +23,6 @@ __all__ = [
     "prepare_medsam_batch",
     "prepared_for_training",
     "recovery_loader",
+    "recovery_taps",
     "trainable_parameters",
 ]

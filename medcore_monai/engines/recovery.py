@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..losses.recovery import RecoveryLossWeights, boundary_complexity, recovery_loss
-from ..networks.taps import captured_outputs
+from ..networks.taps import captured_outputs, distillation_taps
 from ..pruning.cascade import RecoveryConfig
 from .common import plain_tensor, prepare_medsam_batch
 from .distributed import data_parallel
@@ -38,6 +38,7 @@ __all__ = [
     "RecoveryTrainer",
     "TeacherBatch",
     "TeacherOutputs",
+    "recovery_taps",
     "freeze_for_recovery",
     "reestimate_batchnorm",
     "loss_terms",
@@ -116,6 +117,12 @@ class TeacherOutputs:
             torch.stack([e.logits for e in entries]).to(device),
             taps,
         )
+
+
+def recovery_taps(model: nn.Module, weights: RecoveryLossWeights) -> list[str]:
+    """The encoder taps a teacher must record for ``weights``: all when the intermediate term is on, else none."""
+    encoder = getattr(model, "module", model).image_encoder
+    return distillation_taps(encoder) if weights.intermediate > 0 else []
 
 
 def freeze_for_recovery(model: nn.Module) -> list[nn.Parameter]:
@@ -261,7 +268,7 @@ class RecoveryTrainer(SupervisedTrainer):
         if self.loss_weights.intermediate > 0 and not teacher.taps:
             raise ValueError(
                 "intermediate distillation (loss weight intermediate > 0) needs a teacher that records the encoder's "
-                "taps: TeacherOutputs(model, taps=distillation_taps(model.image_encoder))"
+                "taps: TeacherOutputs(model, taps=recovery_taps(model, loss_weights))"
             )
         self.losses: dict[int, list[float]] = {}
         self.skip_updates = skip_updates  # epochs only carry the handlers' stage events (pruning without recovery)
